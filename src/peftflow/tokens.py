@@ -1,0 +1,109 @@
+"""Examples -> token ids -> padded batches, with the loss on the completion only.
+
+With ``data.chat_template`` on and a tokenizer that has one, the prompt is a user turn after an
+optional system prompt and the completion is the assistant's answer. Otherwise the model sees
+``prompt + "\\nAnswer:"`` followed by ``" " + completion``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from peftflow.config import DataParams
+
+IGNORE = -100  # label value the loss skips: prompt and padding
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt: list[int]
+    completion: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+def uses_chat(tokenizer: PreTrainedTokenizerBase, params: DataParams) -> bool:
+    return bool(params.chat_template and tokenizer.chat_template)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, params: DataParams) -> str:
+    if uses_chat(tokenizer, params):
+        messages = [{"role": "system", "content": params.system_prompt}] if params.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{prompt}\nAnswer:"
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, params: DataParams) -> list[int]:
+    chat = uses_chat(tokenizer, params)  # a chat template writes its own special tokens
+    return tokenizer.encode(render_prompt(tokenizer, prompt, params), add_special_tokens=not chat)
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerBase, answer: str, params: DataParams, eos: bool) -> list[int]:
+    """Token ids of an answer as the model sees it after the prompt (eos: add the stop token)."""
+    text = answer if uses_chat(tokenizer, params) else " " + answer
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: dict[str, str], params: DataParams) -> Encoded:
+    prompt = encode_prompt(tokenizer, example["prompt"], params)
+    completion = encode_answer(tokenizer, example["completion"], params, eos=params.append_eos)
+    overflow = len(prompt) + len(completion) - params.max_length
+    if overflow > 0:
+        if overflow >= len(prompt):
+            raise ValueError(
+                f"data.max_length: {params.max_length} tokens leave no room for a prompt before a "
+                f"{len(completion)}-token completion ({example['completion'][:40]!r}...)"
+            )
+        prompt = prompt[overflow:]  # keep the end of the prompt, next to the answer
+    return Encoded(prompt, completion)
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids, attention_mask, position_ids and labels, each (B, T).
+
+    Left padding puts every completion at the end of its row, so the logits needed for the loss
+    are the last ``max completion length + 1`` columns (see :func:`completion_loss`).
+    """
+    out = left_pad([e.prompt + e.completion for e in batch], pad_id)
+    labels = torch.full_like(out["input_ids"], IGNORE)
+    for i, e in enumerate(batch):
+        labels[i, labels.shape[1] - len(e.completion) :] = torch.tensor(e.completion)
+    out["labels"] = labels
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch whose last column is every row's last token, with matching position ids."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over completion tokens, their count), from a :func:`collate` batch.
+
+    Only the columns that predict completion tokens go through the output head: with a 49k
+    vocabulary, full-sequence logits cost more than the rest of a small model's step.
+    """
+    labels = batch["labels"]
+    answer = int((labels != IGNORE).any(dim=0).flip(0).cumprod(0).sum())  # trailing label columns
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=answer + 1).logits[:, :-1]  # (B, answer, V)
+    target = labels[:, -answer:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+    )
+    return loss, int((target != IGNORE).sum())

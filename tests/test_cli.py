@@ -1,0 +1,75 @@
+"""The CLI end to end on the tiny model: prepare -> train -> evaluate, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from peftflow.cli import app
+from tests.conftest import PARAMS_DIR
+
+runner = CliRunner()
+
+
+def _overrides(tiny_model_dir, tiny_data_file, tmp_path):
+    pairs = [
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.source={tiny_data_file}",
+        f"data.out_dir={tmp_path / 'prepared'}",
+        "data.split.test=32",
+        "data.split.val=16",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.batch_size=8",
+        "train.max_steps=10",
+        "train.lr=5.0e-3",
+        "train.eval_every=5",
+        "train.eval_examples=16",
+    ]
+    return [arg for p in pairs for arg in ("-s", p)]
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("convert-base", "prepare", "train", "evaluate", "methods"):
+        assert command in result.output
+
+
+def test_prepare_train_evaluate(tiny_model_dir, tiny_data_file, tmp_path):
+    sets = _overrides(tiny_model_dir, tiny_data_file, tmp_path)
+    common = ["--params-dir", str(PARAMS_DIR), *sets]
+    result = runner.invoke(app, ["prepare", *common])
+    assert result.exit_code == 0, result.output
+    assert "data version" in result.output
+
+    result = runner.invoke(app, ["train", "--method", "lora", *common])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "lora"
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["final_train_loss"] < summary["first_train_loss"]
+    assert [e["step"] for e in summary["evals"]] == [5, 10]
+    assert (run / "model" / "adapter_model.safetensors").is_file()
+
+    result = runner.invoke(app, ["evaluate", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "test_accuracy" in metrics["zeroshot"]
+    assert metrics["test_loss"] < metrics["zeroshot"]["test_loss"]
+    for acc in (metrics["test_accuracy"], metrics["zeroshot"]["test_accuracy"]):  # both rows of the table
+        assert f"{100 * acc:.1f}%" in result.output
+
+
+def test_bad_param_is_one_red_line_and_exit_2():
+    result = runner.invoke(app, ["train", "--method", "lora", "--params-dir", str(PARAMS_DIR), "-s", "train.lr=-1"])
+    assert result.exit_code == 2
+    assert "override 'train.lr=-1': train.lr: Input should be greater than 0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_prepared_data_says_what_to_run(tmp_path):
+    result = runner.invoke(
+        app, ["evaluate", "--method", "lora", "--params-dir", str(PARAMS_DIR), "-s", f"data.out_dir={tmp_path}/none"]
+    )
+    assert result.exit_code == 2
+    assert "no prepared data; run `peftflow prepare`" in result.output or "not converted yet" in result.output
