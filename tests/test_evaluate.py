@@ -52,3 +52,18 @@ def test_heldout_loss_is_mean_nll_of_completion_tokens(tiny_params):
     assert abs(heldout_loss(model, encoded, tok.pad_token_id, 2, torch.device("cpu")) - nll / n) < 1e-4
     batch = collate(encoded, tok.pad_token_id)
     assert int((batch["labels"] != IGNORE).sum()) == sum(len(e.completion) for e in encoded)
+
+
+def test_one_pass_scoring_agrees_with_the_separate_label_pass(tiny_params):
+    """score() reads label scores off the loss pass; label_accuracy() runs its own pass."""
+    from peftflow.evaluate import label_accuracy, score
+
+    params = tiny_params("lora")
+    model = load_base_model(params.model).eval()
+    tok = load_tokenizer(params.model)
+    examples = data.read_split(params.data.out_dir, "test")
+    labels = ["negative", "positive"]
+    fast = score(model, tok, params, examples, labels, torch.device("cpu"))
+    slow = label_accuracy(model, tok, examples, labels, params, torch.device("cpu"))
+    assert fast["test_accuracy"] == slow["accuracy"]
+    assert fast["test_per_label_accuracy"] == slow["per_label_accuracy"]

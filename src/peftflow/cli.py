@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +41,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes warns at import that an optional CPU kernel package is absent; its own fallback works
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _fail(message: str) -> None:
@@ -115,36 +119,23 @@ def train(
 
 
 def _table(result: dict) -> Table:
-    table = Table(title=f"{result['method']} on data {result['data_version']} ({result['base_model']})")
-    for col in (
-        "model",
-        "test accuracy",
-        "test loss",
-        "perplexity",
-        "trainable params",
-        "adapter size",
-        "tokens/s",
-        "peak memory",
-    ):
-        table.add_column(col, justify="right" if col != "model" else "left")
+    """Metrics as rows, the zero-shot base model and the fine-tuned run as columns."""
+    table = Table(title=f"{result['method']} on data version {result['data_version']}", title_justify="left")
+    table.add_column("test split")
+    table.add_column("base model, zero-shot", justify="right")
+    table.add_column(f"{result['method']}, fine-tuned", justify="right")
     zs = result["zeroshot"]
-
-    def acc(d: dict) -> str:
-        return f"{100 * d['test_accuracy']:.1f}%" if "test_accuracy" in d else "-"
-
-    table.add_row(
-        "base model, zero-shot", acc(zs), f"{zs['test_loss']:.4f}", f"{zs['test_perplexity']:.3f}", "0", "-", "-", "-"
-    )
-    table.add_row(
-        f"{result['method']}, fine-tuned",
-        acc(result),
-        f"{result['test_loss']:.4f}",
-        f"{result['test_perplexity']:.3f}",
-        f"{result.get('trainable_params', 0):,} ({result.get('trainable_pct', 0):.2f}%)",
-        f"{result.get('artifact_bytes', 0) / 2**20:.1f} MiB",
-        f"{result.get('tokens_per_s', 0):,.0f}",
-        f"{result.get('peak_memory_bytes', 0) / 2**30:.2f} GiB",
-    )
+    if "test_accuracy" in result:
+        table.add_row("accuracy", f"{100 * zs['test_accuracy']:.1f}%", f"{100 * result['test_accuracy']:.1f}%")
+    table.add_row("loss (nats/token)", f"{zs['test_loss']:.4f}", f"{result['test_loss']:.4f}")
+    table.add_row("perplexity", f"{zs['test_perplexity']:.3f}", f"{result['test_perplexity']:.3f}")
+    if "trainable_params" in result:
+        trainable = f"{result['trainable_params']:,} ({result['trainable_pct']:.2f}%)"
+        table.add_row("trainable params", "0", trainable)
+        table.add_row("artifact size", "-", f"{result.get('artifact_bytes', 0) / 2**20:.1f} MiB")
+        table.add_row("train tokens/s", "-", f"{result['tokens_per_s']:,.0f}")
+        table.add_row("train time", "-", f"{result['train_seconds'] / 60:.1f} min")
+        table.add_row("peak memory", "-", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB")
     return table
 
 
@@ -170,7 +161,7 @@ def evaluate(
         run = params.run_dir
     result = _run(evaluate_run, run, params)
     console.print(_table(result))
-    console.print(f"metrics written to {run / 'metrics.json'}")
+    console.print(f"base model: {result['base_model']}\nmetrics written to {run / 'metrics.json'}")
 
 
 @app.command()

@@ -64,6 +64,7 @@ class DataParams(Strict):
     # text_label only: how instruction and text make the prompt
     prompt_template: str = "{instruction}\n\nReview: {text}"
     chat_template: bool = False  # use the tokenizer's chat template, if it has one
+    answer_cue: str = "\nAnswer:"  # without the chat template: ends every prompt; the answer follows after a space
     system_prompt: str | None = "You are a sentiment classifier."  # chat template only
     split: SplitParams = SplitParams()
     out_dir: Path = Path("data/prepared")

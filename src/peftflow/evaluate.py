@@ -22,7 +22,7 @@ from peftflow import artifacts, data
 from peftflow.config import Params
 from peftflow.methods import get_method
 from peftflow.model import base_model_id, load_base_model, load_tokenizer
-from peftflow.tokens import Encoded, collate, completion_loss, encode, encode_answer, encode_prompt, left_pad
+from peftflow.tokens import IGNORE, Encoded, answer_logits, collate, encode, encode_answer, encode_prompt, left_pad
 
 
 def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -39,19 +39,35 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy per completion token (nats)."""
+def heldout_pass(
+    model, encoded: list[Encoded], pad_id: int, batch_size: int, device, label_ids: list[int] | None = None
+) -> tuple[float, torch.Tensor | None]:
+    """Mean cross-entropy per completion token (nats), and with single-token ``label_ids`` the
+    (N, L) log-probabilities of each label at every answer's first position, from the same pass."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
+    scores = torch.zeros(len(encoded), len(label_ids)) if label_ids else None
     for idx in _by_length([len(e) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         with _autocast(device):
-            loss, n = completion_loss(model, batch)
-        nll += loss.item() * n
-        count += n
+            logits, target = answer_logits(model, batch)
+        logits = logits.float()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
+        count += int((target != IGNORE).sum())
+        if scores is not None:
+            first = target.shape[1] - (target != IGNORE).sum(1)  # (B,) column of each answer's first token
+            row = logits[torch.arange(len(idx), device=logits.device), first]  # (B, V)
+            scores[idx] = torch.log_softmax(row, -1)[:, label_ids].cpu()
     model.train(was_training)
-    return nll / max(count, 1)
+    return nll / max(count, 1), scores
+
+
+def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
+    """Mean cross-entropy per completion token (nats)."""
+    return heldout_pass(model, encoded, pad_id, batch_size, device)[0]
 
 
 @torch.no_grad()
@@ -86,17 +102,39 @@ def label_accuracy(model, tokenizer, examples: list[dict], labels: list[str], pa
     prompts = [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples]
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
     scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device)
+    return _accuracy(scores, gold, labels)
+
+
+def _accuracy(scores: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> dict:
     correct = scores.argmax(-1) == gold
     per_label = {label: float(correct[gold == j].float().mean()) for j, label in enumerate(labels) if (gold == j).any()}
-    return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(examples)}
+    return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(gold)}
 
 
 def score(model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device) -> dict[str, Any]:
+    """Test loss and perplexity, and label accuracy when the answers form a closed set."""
     encoded = [encode(tokenizer, ex, params.data) for ex in examples]
-    loss = heldout_loss(model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device)
+    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels or []]
+    gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
+    # Single-token labels that start each completion: one pass gives the loss and the label scores.
+    one_pass = (
+        bool(labels) and all(len(ids) == 1 for ids in label_ids) and len({i[0] for i in label_ids}) == len(labels)
+    )
+    one_pass = one_pass and all(e.completion[:1] == label_ids[g] for e, g in zip(encoded, gold.tolist(), strict=True))
+    loss, scores = heldout_pass(
+        model,
+        encoded,
+        tokenizer.pad_token_id,
+        params.eval.batch_size,
+        device,
+        [ids[0] for ids in label_ids] if one_pass else None,
+    )
     out: dict[str, Any] = {"test_loss": loss, "test_perplexity": math.exp(min(loss, 50))}
     if labels:
-        acc = label_accuracy(model, tokenizer, examples, labels, params, device)
+        if scores is None:
+            acc = label_accuracy(model, tokenizer, examples, labels, params, device)
+        else:
+            acc = _accuracy(scores, gold, labels)
         out["test_accuracy"] = acc["accuracy"]
         out["test_per_label_accuracy"] = acc["per_label_accuracy"]
     return out

@@ -2,7 +2,7 @@
 
 With ``data.chat_template`` on and a tokenizer that has one, the prompt is a user turn after an
 optional system prompt and the completion is the assistant's answer. Otherwise the model sees
-``prompt + "\\nAnswer:"`` followed by ``" " + completion``.
+``prompt + data.answer_cue`` followed by ``" " + completion``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, params: DataP
         messages = [{"role": "system", "content": params.system_prompt}] if params.system_prompt else []
         messages.append({"role": "user", "content": prompt})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{prompt}\nAnswer:"
+    return prompt + params.answer_cue
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, params: DataParams) -> list[int]:
@@ -92,17 +92,22 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over completion tokens, their count), from a :func:`collate` batch.
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) for the trailing answer columns of a :func:`collate` batch: (B, A, V), (B, A).
 
-    Only the columns that predict completion tokens go through the output head: with a 49k
+    Only the columns that predict answer tokens go through the output head: with a 49k
     vocabulary, full-sequence logits cost more than the rest of a small model's step.
     """
     labels = batch["labels"]
     answer = int((labels != IGNORE).any(dim=0).flip(0).cumprod(0).sum())  # trailing label columns
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=answer + 1).logits[:, :-1]  # (B, answer, V)
-    target = labels[:, -answer:]
+    logits = model(**inputs, logits_to_keep=answer + 1).logits[:, :-1]  # column j predicts token j+1
+    return logits, labels[:, -answer:]
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over completion tokens, their count), from a :func:`collate` batch."""
+    logits, target = answer_logits(model, batch)
     loss = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
     )

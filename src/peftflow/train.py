@@ -163,6 +163,26 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def optimizer_step(
+    model, micro_batches: list[dict], optimizer, scheduler, accelerator, max_grad_norm
+) -> tuple[float, int]:
+    """One optimizer step over gradient-accumulated micro-batches: (mean loss, tokens seen)."""
+    total_loss, tokens = 0.0, 0
+    for batch in micro_batches:
+        batch = {key: t.to(accelerator.device) for key, t in batch.items()}
+        with accelerator.autocast():
+            loss, _ = completion_loss(model, batch)
+        accelerator.backward(loss / len(micro_batches))
+        total_loss += loss.item() / len(micro_batches)
+        tokens += int(batch["attention_mask"].sum())
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss, tokens
+
+
 def build_model(params: Params) -> torch.nn.Module:
     """The base model with params.method applied: only what the method trains requires grad."""
     method = get_method(params.method.name)
@@ -246,21 +266,11 @@ def train(
     while state["step"] < last:
         step = state["step"] + 1
         started = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
-        for k in range(cfg.grad_accum):
-            micro = (step - 1) * cfg.grad_accum + k
-            batch = collate([train_set[i] for i in sampler.indices(micro)], tokenizer.pad_token_id)
-            batch = {key: t.to(accelerator.device) for key, t in batch.items()}
-            with accelerator.autocast():
-                loss, _ = completion_loss(model, batch)
-            accelerator.backward(loss / cfg.grad_accum)
-            step_loss += loss.item() / cfg.grad_accum
-            step_tokens += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = [
+            collate([train_set[i] for i in sampler.indices((step - 1) * cfg.grad_accum + k)], tokenizer.pad_token_id)
+            for k in range(cfg.grad_accum)
+        ]
+        step_loss, step_tokens = optimizer_step(model, micro, optimizer, scheduler, accelerator, cfg.max_grad_norm)
         state["train_seconds"] += time.perf_counter() - started
         state["tokens"] += step_tokens * accelerator.num_processes
         state["step"] = step
