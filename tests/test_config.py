@@ -36,7 +36,9 @@ def test_typo_in_method_file_names_file_key_and_expected(params_dir):
 
 
 def test_bad_value_names_the_override(params_dir):
-    with pytest.raises(ParamsError, match=r"override 'train.batch_size=0': train.batch_size: .*greater than or equal to 1"):
+    with pytest.raises(
+        ParamsError, match=r"override 'train.batch_size=0': train.batch_size: .*greater than or equal to 1"
+    ):
         load_params("lora", params_dir, ["train.batch_size=0"])
 
 

@@ -22,8 +22,12 @@ def _jsonl(path, rows):
 def test_text_label_rows_become_instruction_examples(tmp_path):
     params = DataParams(source=str(tmp_path / "x.jsonl"))
     ex = to_examples([{"text": "a fine film", "label": "1"}], params, "x")
-    assert ex == [{"prompt": params.prompt_template.format(instruction=params.instruction, text="a fine film"),
-                   "completion": "positive"}]
+    assert ex == [
+        {
+            "prompt": params.prompt_template.format(instruction=params.instruction, text="a fine film"),
+            "completion": "positive",
+        }
+    ]
 
 
 def test_csv_with_custom_columns_and_raw_labels(tmp_path):
@@ -38,11 +42,17 @@ def test_csv_with_custom_columns_and_raw_labels(tmp_path):
 
 
 def test_instruction_and_prompt_completion_shapes():
-    rows = [{"instruction": "Translate", "input": "bonjour", "output": "hello"}, {"instruction": "Say hi", "output": "hi"}]
+    rows = [
+        {"instruction": "Translate", "input": "bonjour", "output": "hello"},
+        {"instruction": "Say hi", "output": "hi"},
+    ]
     ex = to_examples(rows, DataParams(format="instruction"), "f")
     assert ex == [{"prompt": "Translate\n\nbonjour", "completion": "hello"}, {"prompt": "Say hi", "completion": "hi"}]
-    ex = to_examples([{"q": "2+2?", "a": "4"}], DataParams(format="prompt_completion",
-                                                         columns={"prompt": "q", "completion": "a"}), "f")
+    ex = to_examples(
+        [{"q": "2+2?", "a": "4"}],
+        DataParams(format="prompt_completion", columns={"prompt": "q", "completion": "a"}),
+        "f",
+    )
     assert ex == [{"prompt": "2+2?", "completion": "4"}]
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from peftflow import data
 from peftflow.evaluate import heldout_loss, label_scores
 from peftflow.model import load_base_model, load_tokenizer
 from peftflow.tokens import IGNORE, collate, encode
-from peftflow import data
 
 
 def _brute_scores(model, prompts, label_ids):

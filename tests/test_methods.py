@@ -8,35 +8,67 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftflow import artifacts
+from peftflow import artifacts, data
 from peftflow.evaluate import heldout_loss
 from peftflow.methods import get_method
-from peftflow.model import load_base_model, load_tokenizer
-from peftflow.tokens import collate, encode
+from peftflow.model import load_base_for, load_base_model, load_tokenizer
+from peftflow.tokens import collate, encode, model_inputs
 from peftflow.train import build_model, count_parameters, train
-from peftflow import data
 from tests.conftest import METHODS
 
 
-def _lora_closed_form(config, r: int) -> int:
-    """r * (fan_in + fan_out) summed over every linear layer of every block (all-linear)."""
-    h, i, hd = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    per_block = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
-    return r * per_block * config.num_hidden_layers
+def _dims(config) -> dict[str, int]:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return {
+        "h": config.hidden_size,
+        "i": config.intermediate_size,
+        "q": config.num_attention_heads * head_dim,
+        "kv": config.num_key_value_heads * head_dim,
+        "layers": config.num_hidden_layers,
+    }
+
+
+def _linear_shapes(config) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of every linear layer in one Llama block."""
+    d = _dims(config)
+    h, i, q, kv = d["h"], d["i"], d["q"], d["kv"]
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
 
 
 def expected_trainable(method: str, params, base) -> int | None:
+    """Closed-form trainable parameter counts on a Llama model, from its config alone."""
+    c, m = base.config, params.method
+    d = _dims(c)
+    per_block = _linear_shapes(c)
     if method == "full":
         return count_parameters(base)[1]
-    if method == "lora" and params.method.target_modules == "all-linear":
-        return _lora_closed_form(base.config, params.method.r)
+    if method in ("lora", "qlora") and m.target_modules == "all-linear":
+        return m.r * sum(fi + fo for fi, fo in per_block) * d["layers"]
+    if method == "dora" and m.target_modules == "all-linear":  # plus one magnitude per output feature
+        return sum(m.r * (fi + fo) + fo for fi, fo in per_block) * d["layers"]
+    if method == "ia3" and m.target_modules == ["k_proj", "v_proj", "down_proj"]:
+        return (d["kv"] + d["kv"] + d["i"]) * d["layers"]  # k, v outputs; down_proj's input
+    if method == "bitfit" and m.target_modules == "all-linear":
+        return sum(fo for _, fo in per_block) * d["layers"]
+    if method == "prompt":
+        return m.num_virtual_tokens * d["h"]
+    if method in ("prefix", "ptuning_v2"):
+        width = d["layers"] * 2 * d["kv"]  # keys and values for every layer (GQA: kv heads only)
+        if not m.prefix_projection:
+            return m.num_virtual_tokens * width
+        e = m.encoder_hidden_size  # embedding (n, kv) -> Linear(kv, e) -> tanh -> Linear(e, width)
+        return m.num_virtual_tokens * d["kv"] + (d["kv"] * e + e) + (e * width + width)
+    if method == "adapter":
+        w = d["h"] // m.reduction_factor
+        per = (d["h"] * w + w) + (w * d["h"] + d["h"])
+        return per * d["layers"] * (2 if m.placement == "houlsby" else 1)
     return None
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_only_its_parameters(method, tiny_params):
     params = tiny_params(method, "train.lr=2.0e-2", "train.scheduler=constant", "train.max_steps=30")
+    m = get_method(method)
     tokenizer = load_tokenizer(params.model)
     val = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "val")]
     model = build_model(params)
@@ -45,7 +77,7 @@ def test_method_trains_only_its_parameters(method, tiny_params):
 
     expected = expected_trainable(method, params, load_base_model(params.model))
     if expected is not None:
-        assert count_parameters(model)[0] == expected
+        assert count_parameters(model)[0] == expected, f"{method}: trainable count differs from the closed form"
 
     summary = train(params, model=model, progress=False)
     loss_after = heldout_loss(model, val, tokenizer.pad_token_id, 16, torch.device("cpu"))
@@ -60,21 +92,24 @@ def test_method_trains_only_its_parameters(method, tiny_params):
 
     # The artifact holds what was trained, and base + artifact reproduces the trained logits.
     out = params.run_dir / "model"
-    reloaded = artifacts.load(load_base_model(params.model), get_method(method), out).eval()
+    reloaded = artifacts.load(load_base_for(params), out).eval()
     model.eval()
-    batch = collate(val[:8], tokenizer.pad_token_id)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(model, collate(val[:8], tokenizer.pad_token_id))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
-    if method != "full":
+        trained_logits = model(**inputs).logits
+        torch.testing.assert_close(reloaded(**inputs).logits, trained_logits, rtol=0, atol=1e-4)
+        if m.mergeable:  # folding the update into W changes nothing but the latency
+            merged = m.hook("merge")(reloaded).eval()
+            assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters())
+            torch.testing.assert_close(merged(**inputs).logits, trained_logits, rtol=0, atol=1e-4)
+    if method not in ("full", "freeze"):
         stored = summary["artifact_bytes"]
         assert stored < 4 * summary["trainable_params"] + 64 * 1024, f"{method}: artifact stores more than it trained"
 
 
 def test_method_files_name_their_method():
-    from tests.conftest import PARAMS_DIR
-
     from peftflow.config import load_params
+    from tests.conftest import PARAMS_DIR
 
     for method in METHODS:
         assert load_params(method, PARAMS_DIR).method.name == method
@@ -99,3 +134,53 @@ def test_lora_bad_target_module_names_what_the_model_offers(tiny_params):
     params = tiny_params("lora", "method.target_modules=[q_proj, qkv]")
     with pytest.raises(ValueError, match=r"method lora: target_modules: qkv not in the model; .*q_proj"):
         build_model(params)
+
+
+def test_adapters_share_one_base_and_are_selected_by_name(tiny_params):
+    runs = {}
+    for name, seed in (("first", 1), ("second", 2)):
+        params = tiny_params("lora", f"seed={seed}", f"train.run_name={name}", "train.lr=2.0e-2", "train.max_steps=5")
+        train(params, progress=False)
+        runs[name] = params.run_dir / "model"
+    tokenizer = load_tokenizer(params.model)
+    ids = torch.tensor([tokenizer.encode("a moving and funny film")])
+    single = {}
+    with torch.no_grad():
+        for name, out in runs.items():
+            single[name] = artifacts.load(load_base_model(params.model), out).eval()(input_ids=ids).logits
+        both = artifacts.load_many(load_base_model(params.model), runs).eval()
+        for name in runs:
+            both.set_adapter(name)
+            torch.testing.assert_close(both(input_ids=ids).logits, single[name], rtol=0, atol=1e-6)
+    assert not torch.allclose(single["first"], single["second"])
+
+
+def test_freeze_refuses_more_blocks_than_the_model_has(tiny_params):
+    with pytest.raises(ValueError, match=r"method freeze: last_n_blocks: 5 exceeds the model's 2 blocks"):
+        build_model(tiny_params("freeze", "method.last_n_blocks=5"))
+
+
+def test_bitfit_on_a_biasless_model_adds_biases_and_says_so(tiny_params, caplog):
+    with caplog.at_level("WARNING"):
+        model = build_model(tiny_params("bitfit"))
+    assert "has no bias terms; added zero-initialized biases to 14 linear layers" in caplog.text
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".bias") for n in trainable)
+    with pytest.raises(ValueError, match=r"method bitfit: add_missing: the model has no bias terms"):
+        build_model(tiny_params("bitfit", "method.add_missing=false"))
+
+
+def test_ia3_feedforward_modules_must_be_targeted(tiny_params):
+    from peftflow.config import ParamsError
+
+    with pytest.raises(
+        ParamsError, match=r"ia3.yaml: method: feedforward_modules must be among target_modules; not targeted: up_proj$"
+    ):
+        tiny_params("ia3", "method.feedforward_modules=[up_proj]")
+
+
+def test_adalora_takes_its_schedule_from_the_run(tiny_params):
+    params = tiny_params("adalora", "train.max_steps=40")
+    assert params.method.total_step == 40
+    with pytest.raises(ValueError, match=r"method adalora: tinit_fraction \+ tfinal_fraction: leave no pruning phase"):
+        build_model(tiny_params("adalora", "method.tinit_fraction=0.5", "method.tfinal_fraction=0.5"))

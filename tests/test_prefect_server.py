@@ -30,7 +30,10 @@ def test_prefect_server_starts_on_loopback(tmp_path):
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline, body = time.monotonic() + 120, None

@@ -1,12 +1,14 @@
 """Saving and loading what a method trained.
 
 PEFT methods save only the adapter (weights + config, through peft's save_pretrained); ``full``
-saves the whole model. A method module may override both with its own ``save`` / ``load``.
+and ``freeze`` save the whole model. Hand-written methods provide their own ``save``/``load``
+hooks. Every artifact carries ``peftflow.json`` (method name and params), so it describes itself.
 Saves are atomic: the folder appears under its name only once every file is written.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,38 +16,58 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from peftflow.methods import Method
+from peftflow.methods import Method, MethodParams, get_method
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+MANIFEST = "peftflow.json"
 
 
-def save(model, method: Method, out_dir: Path) -> Path:
+def save(model, method: Method, out_dir: Path, params: MethodParams) -> Path:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if method.save is not None:
-        method.save(model, tmp)
+    if method.hook("save") is not None:
+        method.hook("save")(model, tmp)
     else:
         model.save_pretrained(tmp)  # a PeftModel writes the adapter only
-    (tmp / "METHOD").write_text(method.name + "\n")
+    # written last: its presence means the artifact is complete
+    (tmp / MANIFEST).write_text(json.dumps({"method": method.name, "params": params.model_dump(mode="json")}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
 
 
-def load(base: PreTrainedModel, method: Method, out_dir: Path) -> PreTrainedModel:
-    """The trained model: base + the saved artifact (for `full`, the saved model replaces base)."""
+def read_manifest(out_dir: Path) -> tuple[Method, MethodParams]:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir}: no trained artifact (a finished run writes model/ with {MANIFEST})")
+    info = json.loads(path.read_text())
+    method = get_method(info["method"])
+    return method, method.Params.model_validate(info["params"])
+
+
+def load(base: PreTrainedModel, out_dir: Path, adapter_name: str = "default") -> PreTrainedModel:
+    """The trained model: base + the saved artifact (for full/freeze, the saved model replaces base)."""
     out_dir = Path(out_dir)
-    if not (out_dir / "METHOD").is_file():
-        raise FileNotFoundError(f"{out_dir}: no trained artifact (a finished run writes model/ with a METHOD file)")
-    saved = (out_dir / "METHOD").read_text().strip()
-    if saved != method.name:
-        raise ValueError(f"{out_dir}: artifact was trained with method {saved!r}, not {method.name!r}")
-    if method.load is not None:
-        return method.load(base, out_dir)
+    method, params = read_manifest(out_dir)
+    if method.hook("load") is not None:
+        return method.hook("load")(base, out_dir, params)
     if (out_dir / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(base, out_dir)
+        if isinstance(base, PeftModel):  # another adapter on the same base, selectable by name
+            base.load_adapter(out_dir, adapter_name=adapter_name)
+            return base
+        return PeftModel.from_pretrained(base, out_dir, adapter_name=adapter_name)
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=base.dtype, local_files_only=True)
+
+
+def load_many(base: PreTrainedModel, adapters: dict[str, Path]) -> PeftModel:
+    """Several peft adapters on one base model; pick one with ``model.set_adapter(name)``."""
+    model = base
+    for name, out_dir in adapters.items():
+        if not (Path(out_dir) / "adapter_config.json").is_file():
+            raise ValueError(f"{out_dir}: only peft adapters can share a base model ({name!r} is not one)")
+        model = load(model, out_dir, adapter_name=name)
+    return model
 
 
 def size_bytes(out_dir: Path) -> int:

@@ -197,8 +197,10 @@ def _format(err: dict, prov: dict[tuple, str], model: type[BaseModel], prefix: t
         msg = "unknown key" + (f"; expected one of: {', '.join(allowed)}" if allowed else "")
     elif err["type"] == "missing":
         msg = "required key is missing"
+    elif isinstance(err.get("input"), dict):  # a check across keys: the section itself is no help
+        msg = err["msg"].removeprefix("Value error, ")
     else:
-        msg = f"{err['msg']} (got {err.get('input')!r})"
+        msg = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
     return f"{_source_of(loc, prov)}: {key}: {msg}"
 
 
@@ -227,9 +229,13 @@ def validate(raw: dict[str, Any], prov: dict[tuple, str] | None = None) -> Param
     if problems:  # the rest validates only once the method is known
         raise ParamsError("\n".join(problems))
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
         raise ParamsError("\n".join(_format(err, prov, Params) for err in e.errors())) from None
+    bind = get_method(params.method.name).hook("bind") if params.method else None
+    if bind is not None:  # method params derived from the run, e.g. AdaLoRA's total steps
+        params.method = bind(params.method, params)
+    return params
 
 
 def load_params(

@@ -21,8 +21,18 @@ import torch
 from peftflow import artifacts, data
 from peftflow.config import Params
 from peftflow.methods import get_method
-from peftflow.model import base_model_id, load_base_model, load_tokenizer
-from peftflow.tokens import IGNORE, Encoded, answer_logits, collate, encode, encode_answer, encode_prompt, left_pad
+from peftflow.model import base_model_id, load_base_for, load_base_model, load_tokenizer
+from peftflow.tokens import (
+    IGNORE,
+    Encoded,
+    answer_logits,
+    collate,
+    encode,
+    encode_answer,
+    encode_prompt,
+    left_pad,
+    model_inputs,
+)
 
 
 def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -81,12 +91,14 @@ def label_scores(
     for idx in _by_length([len(p) for p in prompts], batch_size):
         if single:
             batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad_id).items()}
+            batch = model_inputs(model, batch)
             with _autocast(device):
                 logits = model(**batch, logits_to_keep=1).logits[:, -1].float()  # (B, V)
             scores[idx] = torch.log_softmax(logits, -1)[:, [ids[0] for ids in label_ids]].cpu()
             continue
         for j, ids in enumerate(label_ids):  # multi-token answers: one pass per candidate
             batch = {k: v.to(device) for k, v in left_pad([prompts[i] + ids for i in idx], pad_id).items()}
+            batch = model_inputs(model, batch)
             with _autocast(device):
                 logits = model(**batch, logits_to_keep=len(ids) + 1).logits[:, :-1].float()  # (B, len(ids), V)
             target = torch.tensor(ids, device=device).expand(len(idx), -1)
@@ -140,6 +152,11 @@ def score(model, tokenizer, params: Params, examples: list[dict], labels: list[s
     return out
 
 
+def _to(model, device: torch.device):
+    """Move a model only if it is elsewhere (4-bit models refuse .to())."""
+    return model if next(model.parameters()).device == device else model.to(device)
+
+
 def _zeroshot_key(params: Params, version: str) -> str:
     what = {
         "model": base_model_id(params.model),
@@ -157,21 +174,21 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(params.model)
     method = get_method(params.method.name)
-    model = artifacts.load(load_base_model(params.model), method, run_dir / "model").to(device)
+    model = _to(artifacts.load(load_base_for(params), run_dir / "model"), device)
     metrics = score(model, tokenizer, params, examples, manifest["labels"], device)
 
     cache = params.train.output_dir / "zeroshot" / f"{_zeroshot_key(params, manifest['version'])}.json"
     if cache.is_file():
         zeroshot = json.loads(cache.read_text())
     else:
-        if artifacts.is_adapter(model):
+        # the adapter switched off gives the base model, unless the method changed the base (QLoRA)
+        if artifacts.is_adapter(model) and get_method(params.method.name).hook("load_kwargs") is None:
             with model.disable_adapter():
                 zeroshot = score(model, tokenizer, params, examples, manifest["labels"], device)
         else:
             del model
-            zeroshot = score(
-                load_base_model(params.model).to(device), tokenizer, params, examples, manifest["labels"], device
-            )
+            base = _to(load_base_model(params.model), device)
+            zeroshot = score(base, tokenizer, params, examples, manifest["labels"], device)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(zeroshot, indent=2) + "\n")
     summary_path = run_dir / "train_summary.json"

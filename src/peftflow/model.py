@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from peftflow.config import ModelParams
+from peftflow.config import ModelParams, Params
+from peftflow.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +98,36 @@ def load_tokenizer(params: ModelParams) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(params: ModelParams) -> PreTrainedModel:
+def load_base_model(params: ModelParams, **kwargs) -> PreTrainedModel:
+    """The base model; kwargs go to from_pretrained (e.g. a quantization_config)."""
     source = resolve_checkpoint(params)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[params.dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_DTYPES[params.dtype], local_files_only=True, **kwargs
+        )
     except OSError as e:
         raise FileNotFoundError(
             f"model.name_or_path: {params.name_or_path!r} is neither a local checkpoint folder nor a model in the "
             f"local Hugging Face cache (peftflow does not download weights): {str(e).splitlines()[0]}"
         ) from None
+    _portable_4bit(model)
     return model
+
+
+def _portable_4bit(model: PreTrainedModel) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place (bf16 scales) the
+    first time it runs in eval mode without grad: the stored weights change mid-run, training after
+    an evaluation sees the repacked format, and layers narrower than 32 outputs fail. Keep the
+    portable de-quantizing path (a no-op for models that are not 4-bit)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base_for(params: Params) -> PreTrainedModel:
+    """The base model as the run's method needs it (QLoRA: quantized to 4 bits)."""
+    load_kwargs = get_method(params.method.name).hook("load_kwargs")
+    return load_base_model(params.model, **(load_kwargs(params.method) if load_kwargs else {}))
 
 
 def base_model_id(params: ModelParams) -> str:

@@ -92,6 +92,17 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch minus labels; minus position ids for input-level soft prompts (prompt tuning,
+    P-tuning), which peft cannot place and drops with a warning on every call. Under rotary
+    position embeddings only relative positions matter, so left padding still works without them."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning and config.peft_type.value in ("PROMPT_TUNING", "P_TUNING"):
+        inputs.pop("position_ids", None)
+    return inputs
+
+
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) for the trailing answer columns of a :func:`collate` batch: (B, A, V), (B, A).
 
@@ -100,8 +111,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     labels = batch["labels"]
     answer = int((labels != IGNORE).any(dim=0).flip(0).cumprod(0).sum())  # trailing label columns
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=answer + 1).logits[:, :-1]  # column j predicts token j+1
+    logits = model(**model_inputs(model, batch), logits_to_keep=answer + 1).logits[:, :-1]  # col j predicts j+1
     return logits, labels[:, -answer:]
 
 

@@ -36,7 +36,7 @@ from peftflow import artifacts, data
 from peftflow.config import Params, save_params
 from peftflow.evaluate import heldout_loss
 from peftflow.methods import get_method
-from peftflow.model import load_base_model, load_tokenizer
+from peftflow.model import load_base_for, load_tokenizer
 from peftflow.tokens import collate, completion_loss, encode
 
 log = logging.getLogger(__name__)
@@ -164,20 +164,28 @@ def peak_memory_bytes() -> int:
 
 
 def optimizer_step(
-    model, micro_batches: list[dict], optimizer, scheduler, accelerator, max_grad_norm
+    model, micro_batches: list[dict], optimizer, scheduler, accelerator, max_grad_norm, method=None, step: int = 0
 ) -> tuple[float, int]:
-    """One optimizer step over gradient-accumulated micro-batches: (mean loss, tokens seen)."""
+    """One optimizer step over gradient-accumulated micro-batches: (mean loss, tokens seen).
+
+    method: its optional hooks run here (``extra_loss`` added to the loss, ``after_backward``).
+    """
+    extra_loss = method.hook("extra_loss") if method else None
+    after_backward = method.hook("after_backward") if method else None
     total_loss, tokens = 0.0, 0
     for batch in micro_batches:
         batch = {key: t.to(accelerator.device) for key, t in batch.items()}
         with accelerator.autocast():
             loss, _ = completion_loss(model, batch)
-        accelerator.backward(loss / len(micro_batches))
+            objective = loss + extra_loss(accelerator.unwrap_model(model)) if extra_loss else loss
+        accelerator.backward(objective / len(micro_batches))
         total_loss += loss.item() / len(micro_batches)
         tokens += int(batch["attention_mask"].sum())
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
+    if after_backward:
+        after_backward(accelerator.unwrap_model(model), step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss, tokens
@@ -186,7 +194,7 @@ def optimizer_step(
 def build_model(params: Params) -> torch.nn.Module:
     """The base model with params.method applied: only what the method trains requires grad."""
     method = get_method(params.method.name)
-    model = method.apply(load_base_model(params.model), params.method)
+    model = method.apply(load_base_for(params), params.method)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise ValueError(f"method {method.name}: no parameter is trainable; check its params")
@@ -198,6 +206,14 @@ def build_model(params: Params) -> torch.nn.Module:
         100 * trainable / total,
     )
     return model
+
+
+def make_optimizer(model: torch.nn.Module, params: Params) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    custom = get_method(params.method.name).hook("optimizer")
+    if custom is not None:
+        return custom(trainable, params.train.lr, params.train.weight_decay, params.method)
+    return torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
 
 
 def train(
@@ -237,9 +253,7 @@ def train(
         [len(e) for e in train_set], cfg.batch_size, params.seed, accelerator.process_index, accelerator.num_processes
     )
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    optimizer = make_optimizer(model, params)
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
     )
@@ -270,7 +284,9 @@ def train(
             collate([train_set[i] for i in sampler.indices((step - 1) * cfg.grad_accum + k)], tokenizer.pad_token_id)
             for k in range(cfg.grad_accum)
         ]
-        step_loss, step_tokens = optimizer_step(model, micro, optimizer, scheduler, accelerator, cfg.max_grad_norm)
+        step_loss, step_tokens = optimizer_step(
+            model, micro, optimizer, scheduler, accelerator, cfg.max_grad_norm, method, step
+        )
         state["train_seconds"] += time.perf_counter() - started
         state["tokens"] += step_tokens * accelerator.num_processes
         state["step"] = step
@@ -311,7 +327,7 @@ def train(
         "mixed_precision": accelerator.mixed_precision,
     }
     if summary["finished"] and accelerator.is_main_process:
-        out = artifacts.save(accelerator.unwrap_model(model), method, run_dir / "model")
+        out = artifacts.save(accelerator.unwrap_model(model), method, run_dir / "model", params.method)
         summary["artifact_bytes"] = artifacts.size_bytes(out)
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete; its artifact supersedes them
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

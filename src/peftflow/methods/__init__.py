@@ -4,9 +4,19 @@ A method module defines
 - ``Params``: a subclass of :class:`MethodParams` whose ``name`` is ``Literal["<module name>"]``;
 - ``apply(model, params) -> model``: make the chosen parameters trainable (wrapping the model if
   needed) and freeze the rest;
-and may define ``save(model, out_dir)`` / ``load(base_model, out_dir)`` when the generic artifact
-handling in :mod:`peftflow.artifacts` does not fit. Adding a method is adding one module here and
-one ``params/methods/<name>.yaml``: nothing else lists the methods.
+and may define any of these optional hooks (see :data:`HOOKS`):
+
+- ``bind(params, run) -> params``: fill method params derived from the run (e.g. total steps);
+- ``load_kwargs(params) -> dict``: extra ``from_pretrained`` arguments (e.g. 4-bit quantization);
+- ``optimizer(trainable, lr, weight_decay, params)``: an optimizer other than torch's AdamW;
+- ``extra_loss(model) -> Tensor``: a regularizer added to the training loss;
+- ``after_backward(model, step)``: called after each backward pass, before the optimizer step;
+- ``save(model, out_dir)`` / ``load(base_model, out_dir, params)``: when peft's adapter files do not
+  fit (hand-written methods);
+- ``merge(model) -> nn.Module``: fold the trained weights into the base (no added latency).
+
+Adding a method is adding one module here and one ``params/methods/<name>.yaml``: nothing else
+lists the methods.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ class MethodParams(BaseModel):
     name: str
 
 
+HOOKS = ("bind", "load_kwargs", "optimizer", "extra_loss", "after_backward", "save", "load", "merge")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -37,13 +50,15 @@ class Method:
     module: ModuleType
     doc: str
 
-    @property
-    def save(self) -> Callable | None:
-        return getattr(self.module, "save", None)
+    def hook(self, name: str) -> Callable | None:
+        """The module's optional hook ``name`` (one of HOOKS), or None."""
+        if name not in HOOKS:
+            raise ValueError(f"unknown method hook {name!r}; hooks are: {', '.join(HOOKS)}")
+        return getattr(self.module, name, None)
 
     @property
-    def load(self) -> Callable | None:
-        return getattr(self.module, "load", None)
+    def mergeable(self) -> bool:
+        return self.hook("merge") is not None
 
 
 @cache

@@ -1,7 +1,8 @@
 """LoRA: frozen W plus a trained low-rank update B·A (Hu et al., 2021, arXiv:2106.09685), via peft.
 
 A is Gaussian-initialized and B zero-initialized, so training starts exactly at the base model.
-The update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``).
+The update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``). After training, ``merge``
+folds B·A into W: the merged model has no added latency.
 """
 
 from __future__ import annotations
@@ -31,21 +32,21 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def check_targets(model: nn.Module, params: Params) -> None:
-    if params.target_modules == "all-linear":
+def check_targets(model: nn.Module, method: str, field: str, targets: str | list[str]) -> None:
+    """Fail before training, naming what the model offers, if a target module is not in the model."""
+    if targets == "all-linear":
         return
     offered = linear_names(model)
-    missing = [t for t in params.target_modules if t not in offered]
+    missing = [t for t in targets if t not in offered]
     if missing:
         raise ValueError(
-            f"method {params.name}: target_modules: {', '.join(missing)} not in the model; "
+            f"method {method}: {field}: {', '.join(missing)} not in the model; "
             f"its linear layers are: {', '.join(offered)}"
         )
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    check_targets(model, params)
-    config = LoraConfig(
+def lora_config(params: Params, **extra) -> LoraConfig:
+    return LoraConfig(
         task_type="CAUSAL_LM",
         r=params.r,
         lora_alpha=params.alpha,
@@ -53,5 +54,14 @@ def apply(model: nn.Module, params: Params) -> nn.Module:
         target_modules=params.target_modules,
         init_lora_weights="gaussian" if params.init == "gaussian" else True,
         use_rslora=params.use_rslora,
+        **extra,
     )
-    return get_peft_model(model, config)
+
+
+def apply(model: nn.Module, params: Params) -> nn.Module:
+    check_targets(model, params.name, "target_modules", params.target_modules)
+    return get_peft_model(model, lora_config(params))
+
+
+def merge(model) -> nn.Module:
+    return model.merge_and_unload()

@@ -1,0 +1,48 @@
+"""Freeze: train only the last N transformer blocks (and optionally the output head), the cheap
+baseline of layer-wise fine-tuning (e.g. Lee et al., 2019, "What Would Elsa Do? Freezing Layers
+During Transformer Fine-Tuning", arXiv:1911.03090).
+
+On models whose output head is tied to the input embeddings (SmolLM2 is), ``train_head`` trains the
+shared embedding matrix too. The artifact is the whole model, as for ``full``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from peftflow.methods import MethodParams
+
+
+class Params(MethodParams):
+    name: Literal["freeze"] = "freeze"
+    last_n_blocks: int = Field(2, ge=1)
+    train_head: bool = False  # the output head and final norm (tied heads: the embeddings too)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks (the ModuleList as long as num_hidden_layers)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+
+
+def apply(model: nn.Module, params: Params) -> nn.Module:
+    blocks = decoder_blocks(model)
+    if params.last_n_blocks > len(blocks):
+        raise ValueError(
+            f"method freeze: last_n_blocks: {params.last_n_blocks} exceeds the model's {len(blocks)} blocks"
+        )
+    model.requires_grad_(False)
+    for block in blocks[-params.last_n_blocks :]:
+        block.requires_grad_(True)
+    if params.train_head:
+        model.get_output_embeddings().requires_grad_(True)
+        norm = getattr(getattr(model, "model", model), "norm", None)
+        if norm is not None:
+            norm.requires_grad_(True)
+    return model

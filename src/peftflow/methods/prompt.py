@@ -1,0 +1,36 @@
+"""Prompt tuning: a trained soft prompt prepended at the input only (Lester et al., 2021,
+arXiv:2104.08691), via peft.
+
+The soft prompt is initialized from the embeddings of a text (Lester et al. found text or class
+label initialization better than random) or at random.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+from pydantic import Field
+from torch import nn
+
+from peftflow.methods import MethodParams
+
+
+class Params(MethodParams):
+    name: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, ge=1)  # soft prompt length
+    init: Literal["text", "random"] = "text"
+    init_text: str = "Classify the sentiment of this movie review as positive or negative."
+
+
+def apply(model: nn.Module, params: Params) -> nn.Module:
+    text = params.init == "text"
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=params.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=params.init_text if text else None,
+        # the tokenizer saved beside the base checkpoint; read from disk, never downloaded
+        tokenizer_name_or_path=model.name_or_path if text else None,
+    )
+    return get_peft_model(model, config)
