@@ -73,3 +73,37 @@ def test_missing_prepared_data_says_what_to_run(tmp_path):
     )
     assert result.exit_code == 2
     assert "no prepared data; run `peftflow prepare`" in result.output or "not converted yet" in result.output
+
+
+def test_merge_writes_a_plain_checkpoint_with_equal_logits(tiny_params, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftflow import artifacts
+    from peftflow.model import load_base_model
+    from peftflow.train import train
+
+    params = tiny_params("lora", "train.lr=2.0e-2", "train.max_steps=4")
+    train(params, progress=False)
+    result = runner.invoke(app, ["merge", "--run", str(params.run_dir), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = artifacts.load(load_base_model(params.model), params.run_dir / "model").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-4)
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_merge_refuses_methods_that_cannot_merge(tiny_params, tmp_path):
+    from peftflow.train import train
+
+    params = tiny_params("prompt", "train.max_steps=2")
+    train(params, progress=False)
+    result = runner.invoke(app, ["merge", "--run", str(params.run_dir), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert (
+        "method prompt cannot be merged into the base weights; mergeable: adalora, dora, ia3, lora, qlora"
+        in result.output
+    )
+    assert not (tmp_path / "m").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from peftflow.methods import Method, MethodParams, get_method
+from peftflow.methods import Method, MethodParams, get_method, method_names
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MANIFEST = "peftflow.json"
@@ -77,3 +77,24 @@ def size_bytes(out_dir: Path) -> int:
 
 def is_adapter(model) -> bool:
     return isinstance(model, PeftModel)
+
+
+def merge_and_save(params, run_dir: Path, out_dir: Path) -> Path:
+    """Fold a finished run's trained update into the base weights; save a plain checkpoint
+    (with the base tokenizer) that loads without peft and runs with no added latency."""
+    from peftflow.model import load_base_for, load_tokenizer
+
+    method, _ = read_manifest(Path(run_dir) / "model")
+    merge = method.hook("merge")
+    if merge is None:
+        mergeable = ", ".join(n for n in method_names() if get_method(n).mergeable)
+        raise ValueError(f"method {method.name} cannot be merged into the base weights; mergeable: {mergeable}")
+    merged = merge(load(load_base_for(params), Path(run_dir) / "model"))
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    load_tokenizer(params.model).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -165,6 +165,20 @@ def evaluate(
 
 
 @app.command()
+def merge(
+    run: Annotated[Path, typer.Option("--run", help="A finished run folder (with model/ and params.yaml).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the merged checkpoint.")],
+) -> None:
+    """Fold a run's adapter into the base weights (lora, dora, qlora, adalora, ia3): a plain checkpoint."""
+    from peftflow.artifacts import merge_and_save
+    from peftflow.config import read_resolved
+
+    params = _run(read_resolved, run / "params.yaml")
+    _run(merge_and_save, params, run, out)
+    console.print(f"[green]merged checkpoint written to {out}[/] (loads with transformers alone)")
+
+
+@app.command()
 def methods() -> None:
     """List the registered fine-tuning methods."""
     from peftflow.methods import get_method, method_names

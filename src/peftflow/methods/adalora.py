@@ -76,3 +76,6 @@ def extra_loss(model) -> torch.Tensor:
 def after_backward(model, step: int) -> None:
     """Update importance scores and prune the rank budget (needs the gradients, so before zero_grad)."""
     model.base_model.update_and_allocate(step)
+
+
+merge = lora.merge  # P·Λ·Q folds into W like B·A
