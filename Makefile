@@ -36,14 +36,16 @@ test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check src tests bench flows tasks
-	$(BIN)/ruff format --check src tests bench flows tasks
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 bench: setup
 	$(BIN)/python bench/step_bench.py
 
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock.new
+	{ echo "# Exact versions tested together; install with: pip install --no-deps -r requirements.lock"; \
+	  echo "# Regenerate after changing dependencies: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

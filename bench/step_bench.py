@@ -38,8 +38,14 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 def build(size: str, method: str, device) -> torch.nn.Module:
     h, n_layers, heads, kv, inter, vocab = SIZES[size]
     config = LlamaConfig(
-        hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv,
-        intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=size != "1b", max_position_embeddings=4096,
+        hidden_size=h,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        tie_word_embeddings=size != "1b",
+        max_position_embeddings=4096,
     )
     torch.manual_seed(0)
     m = get_method(method)
@@ -102,9 +108,13 @@ def measure(size, method, loop, data, warm, device) -> dict:
             times.append(time.perf_counter() - t)
             tokens += n
     result = {
-        "size": size, "method": method, "loop": loop, "device": str(device),
+        "size": size,
+        "method": method,
+        "loop": loop,
+        "device": str(device),
         "trainable": count_parameters(model)[0],
-        "step_s_median": statistics.median(times), "tokens_per_s": tokens / sum(times),
+        "step_s_median": statistics.median(times),
+        "tokens_per_s": tokens / sum(times),
     }
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -116,7 +126,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = os.environ.get("SIZE", "tiny")
     methods = os.environ.get("METHODS", "lora,full").split(",")
-    batch, seq, answer = int(os.environ.get("BATCH", 16)), int(os.environ.get("SEQ", 48)), int(os.environ.get("ANSWER", 2))
+    batch, seq, answer = (
+        int(os.environ.get("BATCH", 16)),
+        int(os.environ.get("SEQ", 48)),
+        int(os.environ.get("ANSWER", 2)),
+    )
     steps, warm = int(os.environ.get("STEPS", 8)), int(os.environ.get("WARM", 2))
     data = batches(steps + warm, batch, seq, answer, SIZES[size][5])
     for method in methods:

@@ -73,6 +73,25 @@ def tiny_data_file(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_overrides(model_dir: Path, data_file: Path, tmp_path: Path) -> list[str]:
+    """Overrides that point the shipped params at the tiny model and data, writing under tmp_path."""
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.source={data_file}",
+        f"data.out_dir={tmp_path / 'prepared'}",
+        "data.split.test=32",
+        "data.split.val=16",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.batch_size=8",
+        "train.max_steps=8",
+        "train.warmup_steps=0",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.eval_examples=16",
+        "eval.batch_size=16",
+    ]
+
+
 @pytest.fixture
 def tiny_params(tiny_model_dir, tiny_data_file, tmp_path):
     """params for `method` on the tiny model and data, in tmp_path; prepared data included."""
@@ -80,24 +99,7 @@ def tiny_params(tiny_model_dir, tiny_data_file, tmp_path):
 
     def build(method: str | None, *overrides: str) -> Params:
         params = load_params(
-            method,
-            PARAMS_DIR,
-            [
-                f"model.name_or_path={tiny_model_dir}",
-                f"data.source={tiny_data_file}",
-                f"data.out_dir={tmp_path / 'prepared'}",
-                "data.split.test=32",
-                "data.split.val=16",
-                f"train.output_dir={tmp_path / 'runs'}",
-                "train.batch_size=8",
-                "train.max_steps=8",
-                "train.warmup_steps=0",
-                "train.eval_every=0",
-                "train.save_every=0",
-                "train.eval_examples=16",
-                "eval.batch_size=16",
-                *overrides,
-            ],
+            method, PARAMS_DIR, [*tiny_overrides(tiny_model_dir, tiny_data_file, tmp_path), *overrides]
         )
         if not (params.data.out_dir / "manifest.json").is_file():
             prepare(params.data)

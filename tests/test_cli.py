@@ -7,24 +7,17 @@ import json
 from typer.testing import CliRunner
 
 from peftflow.cli import app
-from tests.conftest import PARAMS_DIR
+from tests.conftest import PARAMS_DIR, tiny_overrides
 
 runner = CliRunner()
 
 
 def _overrides(tiny_model_dir, tiny_data_file, tmp_path):
     pairs = [
-        f"model.name_or_path={tiny_model_dir}",
-        f"data.source={tiny_data_file}",
-        f"data.out_dir={tmp_path / 'prepared'}",
-        "data.split.test=32",
-        "data.split.val=16",
-        f"train.output_dir={tmp_path / 'runs'}",
-        "train.batch_size=8",
+        *tiny_overrides(tiny_model_dir, tiny_data_file, tmp_path),
         "train.max_steps=10",
         "train.lr=5.0e-3",
         "train.eval_every=5",
-        "train.eval_examples=16",
     ]
     return [arg for p in pairs for arg in ("-s", p)]
 
