@@ -65,7 +65,7 @@ def test_missing_prepared_data_says_what_to_run(tmp_path):
         app, ["evaluate", "--method", "lora", "--params-dir", str(PARAMS_DIR), "-s", f"data.out_dir={tmp_path}/none"]
     )
     assert result.exit_code == 2
-    assert "no prepared data; run `peftflow prepare`" in result.output or "not converted yet" in result.output
+    assert "none/manifest.json: no prepared data; run `peftflow prepare`" in result.output.replace("\n", "")
 
 
 def test_merge_writes_a_plain_checkpoint_with_equal_logits(tiny_params, tmp_path):

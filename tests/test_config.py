@@ -75,3 +75,8 @@ def test_resolved_params_round_trip(tmp_path):
     save_params(params, tmp_path / "params.yaml")
     again = read_resolved(tmp_path / "params.yaml")
     assert again == params and type(again.method) is type(params.method)
+
+
+def test_override_with_invalid_yaml_value():
+    with pytest.raises(ParamsError, match=r"override 'train.lr=\[1': the value is not valid YAML"):
+        load_params("lora", PARAMS_DIR, ["train.lr=[1"])

@@ -124,3 +124,19 @@ def test_real_pang_lee_archive():
     assert len(rows) == 4000
     assert sum(r["label"] == "1" for r in rows) == 2000
     assert rows[0]["text"].startswith("the rock is destined to be the 21st century's new")
+
+
+def test_line_separators_inside_strings_survive_prepare(tmp_path):
+    rows = make_rows(40)
+    rows[0]["text"] = "a line\u2028separator and a next-line\u0085mark"
+    src = _jsonl(tmp_path / "d.jsonl", rows)
+    params = DataParams(source=str(src), out_dir=tmp_path / "o", split={"test": 5, "val": 5})
+    prepare(params)
+    everything = [ex for name in ("train", "val", "test") for ex in read_split(params.out_dir, name)]
+    assert len(everything) == 40 and any("\u2028" in ex["prompt"] for ex in everything)
+
+
+def test_fractional_split_must_keep_one_example(tmp_path):
+    src = _jsonl(tmp_path / "d.jsonl", make_rows(20))
+    with pytest.raises(DataError, match=r"data.split.val: 0.01 of 20 examples is less than one example"):
+        prepare(DataParams(source=str(src), out_dir=tmp_path / "o", split={"test": 5, "val": 0.01}))

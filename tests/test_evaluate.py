@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from peftflow import data
@@ -54,16 +55,35 @@ def test_heldout_loss_is_mean_nll_of_completion_tokens(tiny_params):
     assert int((batch["labels"] != IGNORE).sum()) == sum(len(e.completion) for e in encoded)
 
 
-def test_one_pass_scoring_agrees_with_the_separate_label_pass(tiny_params):
+def test_one_pass_scoring_agrees_with_the_separate_label_pass(tiny_params, monkeypatch):
     """score() reads label scores off the loss pass; label_accuracy() runs its own pass."""
-    from peftflow.evaluate import label_accuracy, score
+    from peftflow import evaluate
 
     params = tiny_params("lora")
     model = load_base_model(params.model).eval()
     tok = load_tokenizer(params.model)
     examples = data.read_split(params.data.out_dir, "test")
     labels = ["negative", "positive"]
-    fast = score(model, tok, params, examples, labels, torch.device("cpu"))
-    slow = label_accuracy(model, tok, examples, labels, params, torch.device("cpu"))
+    slow = evaluate.label_accuracy(model, tok, examples, labels, params, torch.device("cpu"))
+    monkeypatch.setattr(evaluate, "label_accuracy", lambda *a, **k: pytest.fail("score() took the two-pass path"))
+    fast = evaluate.score(model, tok, params, examples, labels, torch.device("cpu"))
     assert fast["test_accuracy"] == slow["accuracy"]
     assert fast["test_per_label_accuracy"] == slow["per_label_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "lora"])
+def test_answer_logits_do_not_depend_on_batch_padding(method, tiny_params):
+    """A row scores the same alone or beside a longer row (input soft prompts are right-aligned)."""
+    from peftflow.tokens import answer_logits
+    from peftflow.train import build_model
+
+    params = tiny_params(method)
+    model = build_model(params).eval()
+    tok = load_tokenizer(params.model)
+    short, long = (encode(tok, ex, params.data) for ex in data.read_split(params.data.out_dir, "val")[:2])
+    long = type(long)(long.prompt * 3, long.completion)  # much longer than `short`
+    with torch.no_grad():
+        alone, _ = answer_logits(model, collate([short], tok.pad_token_id))
+        padded, _ = answer_logits(model, collate([short, long], tok.pad_token_id))
+    width = len(short.completion)
+    torch.testing.assert_close(padded[0, -width:], alone[0, -width:], rtol=0, atol=1e-4)

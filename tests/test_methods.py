@@ -58,6 +58,13 @@ def expected_trainable(method: str, params, base) -> int | None:
             return m.num_virtual_tokens * width
         e = m.encoder_hidden_size  # embedding (n, kv) -> Linear(kv, e) -> tanh -> Linear(e, width)
         return m.num_virtual_tokens * d["kv"] + (d["kv"] * e + e) + (e * width + width)
+    if method == "freeze" and not m.train_head:
+        return (sum(fi * fo for fi, fo in per_block) + 2 * d["h"]) * m.last_n_blocks  # + 2 RMSNorms
+    if method == "adalora" and m.target_modules == "all-linear":  # P (r x in), Q (out x r), Λ (r)
+        return sum(m.init_r * (fi + fo + 1) for fi, fo in per_block) * d["layers"]
+    if method == "ptuning" and m.encoder == "mlp":  # embedding + Linear(h,e) + Linear(e,e) + Linear(e,h)
+        e = m.encoder_hidden_size
+        return m.num_virtual_tokens * d["h"] + (d["h"] * e + e) + (e * e + e) + (e * d["h"] + d["h"])
     if method == "adapter":
         w = d["h"] // m.reduction_factor
         per = (d["h"] * w + w) + (w * d["h"] + d["h"])
@@ -75,9 +82,14 @@ def test_method_trains_only_its_parameters(method, tiny_params):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = heldout_loss(model, val, tokenizer.pad_token_id, 16, torch.device("cpu"))
 
-    expected = expected_trainable(method, params, load_base_model(params.model))
-    if expected is not None:
-        assert count_parameters(model)[0] == expected, f"{method}: trainable count differs from the closed form"
+    base = load_base_model(params.model)
+    expected = expected_trainable(method, params, base)
+    assert expected is not None, f"{method}: add its closed-form trainable count to expected_trainable()"
+    trainable, total = count_parameters(model)
+    assert trainable == expected, f"{method}: {trainable} trainable, the closed form says {expected}"
+    if method not in ("bitfit", "adapter", "full", "freeze"):  # peft adds the trained tensors beside the base
+        ranknum = sum(p.numel() for n, p in model.named_parameters() if "ranknum" in n)  # AdaLoRA's frozen counters
+        assert total == count_parameters(base)[1] + trainable + ranknum, f"{method}: total counts the base wrongly"
 
     summary = train(params, model=model, progress=False)
     loss_after = heldout_loss(model, val, tokenizer.pad_token_id, 16, torch.device("cpu"))

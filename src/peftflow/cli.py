@@ -154,6 +154,8 @@ def evaluate(
 
     if (method is None) == (run is None):
         _fail("give exactly one of --method or --run")
+    if run is not None and overrides:
+        _fail("--run evaluates with the run's own params.yaml; -s overrides go with --method")
     if run is not None:
         params = _run(read_resolved, run / "params.yaml")
     else:

@@ -160,7 +160,10 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     path = tuple(p for p in key.strip().split(".") if p)
     if not path:
         raise ParamsError(f"override {item!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return path, value
 
 

@@ -69,7 +69,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: data file not found (data.source)")
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        # split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON allows in strings
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -89,7 +90,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def _field(row: dict, column: str, where: str) -> str:
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{where}: column {column!r} is missing or empty; columns present: {', '.join(row)}")
+        present = ", ".join(str(k) for k in row if k is not None)  # csv puts surplus fields under None
+        raise DataError(f"{where}: column {column!r} is missing or empty; columns present: {present}")
     return str(value).strip()
 
 
@@ -117,15 +119,18 @@ def to_examples(rows: list[dict[str, Any]], params: DataParams, source: str) -> 
     return examples
 
 
-def _count(size: float, total: int) -> int:
-    return int(round(size * total)) if size < 1 else int(size)
+def _count(size: float, total: int, name: str) -> int:
+    n = int(round(size * total)) if size < 1 else int(size)
+    if n < 1:
+        raise DataError(f"data.split.{name}: {size} of {total} examples is less than one example")
+    return n
 
 
 def split(examples: list[dict[str, str]], params: DataParams) -> dict[str, list[dict[str, str]]]:
     """Seeded shuffle, then test, val and train in that order."""
     order = list(range(len(examples)))
     random.Random(params.split.seed).shuffle(order)
-    n_test, n_val = _count(params.split.test, len(order)), _count(params.split.val, len(order))
+    n_test, n_val = _count(params.split.test, len(order), "test"), _count(params.split.val, len(order), "val")
     if n_test + n_val >= len(order):
         raise DataError(f"data.split: test ({n_test}) + val ({n_val}) leave no training examples out of {len(order)}")
     shuffled = [examples[i] for i in order]
@@ -177,4 +182,5 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 def read_split(out_dir: Path, name: str) -> list[dict[str, str]]:
     read_manifest(out_dir)  # refuse half-written data
-    return [json.loads(line) for line in (Path(out_dir) / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = (Path(out_dir) / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
+    return [json.loads(line) for line in lines if line]

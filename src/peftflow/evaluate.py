@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,6 @@ from peftflow.tokens import (
     encode,
     encode_answer,
     encode_prompt,
-    left_pad,
-    model_inputs,
 )
 
 
@@ -89,21 +88,17 @@ def label_scores(
     scores = torch.zeros(len(prompts), len(label_ids))
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
     for idx in _by_length([len(p) for p in prompts], batch_size):
-        if single:
-            batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad_id).items()}
-            batch = model_inputs(model, batch)
+        # single-token answers: one pass; its one answer column holds the whole next-token distribution
+        candidates = [label_ids[0]] if single else label_ids
+        for j, ids in enumerate(candidates):
+            batch = {k: v.to(device) for k, v in collate([Encoded(prompts[i], ids) for i in idx], pad_id).items()}
             with _autocast(device):
-                logits = model(**batch, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-            scores[idx] = torch.log_softmax(logits, -1)[:, [ids[0] for ids in label_ids]].cpu()
-            continue
-        for j, ids in enumerate(label_ids):  # multi-token answers: one pass per candidate
-            batch = {k: v.to(device) for k, v in left_pad([prompts[i] + ids for i in idx], pad_id).items()}
-            batch = model_inputs(model, batch)
-            with _autocast(device):
-                logits = model(**batch, logits_to_keep=len(ids) + 1).logits[:, :-1].float()  # (B, len(ids), V)
-            target = torch.tensor(ids, device=device).expand(len(idx), -1)
-            logp = torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1)
-            scores[idx, j] = logp.sum(-1).cpu()
+                logits, target = answer_logits(model, batch)  # (B, len(ids), V), (B, len(ids))
+            logp = torch.log_softmax(logits.float(), -1)
+            if single:
+                scores[idx] = logp[:, 0, [ids[0] for ids in label_ids]].cpu()
+            else:
+                scores[idx, j] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
     return scores
 
 
@@ -160,6 +155,8 @@ def _to(model, device: torch.device):
 def _zeroshot_key(params: Params, version: str) -> str:
     what = {
         "model": base_model_id(params.model),
+        "dtype": params.model.dtype,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",  # bf16 autocast on CUDA changes figures
         "data": params.data.model_dump(mode="json"),
         "eval": params.eval.model_dump(),
     }
@@ -190,7 +187,9 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
             base = _to(load_base_model(params.model), device)
             zeroshot = score(base, tokenizer, params, examples, manifest["labels"], device)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(zeroshot, indent=2) + "\n")
+        tmp = cache.with_suffix(".partial")
+        tmp.write_text(json.dumps(zeroshot, indent=2) + "\n")
+        os.replace(tmp, cache)  # a reader never sees half a cache file
     summary_path = run_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     result = {
@@ -207,6 +206,7 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
                 "trainable_pct",
                 "tokens_per_s",
                 "train_seconds",
+                "wall_seconds",
                 "peak_memory_bytes",
                 "artifact_bytes",
                 "steps",

@@ -90,9 +90,19 @@ def resolve_checkpoint(params: ModelParams) -> str:
     return params.name_or_path  # a hub id: must already be in the local cache (local_files_only below)
 
 
+def _not_found(params: ModelParams, e: OSError) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"model.name_or_path: {params.name_or_path!r} is neither a local checkpoint folder nor a model in the "
+        f"local Hugging Face cache (peftflow does not download weights): {str(e).splitlines()[0]}"
+    )
+
+
 def load_tokenizer(params: ModelParams) -> PreTrainedTokenizerBase:
     source = resolve_checkpoint(params)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError as e:
+        raise _not_found(params, e) from None
     if tokenizer.pad_token_id is None:  # padding is masked everywhere, so any token serves
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -106,10 +116,7 @@ def load_base_model(params: ModelParams, **kwargs) -> PreTrainedModel:
             source, dtype=_DTYPES[params.dtype], local_files_only=True, **kwargs
         )
     except OSError as e:
-        raise FileNotFoundError(
-            f"model.name_or_path: {params.name_or_path!r} is neither a local checkpoint folder nor a model in the "
-            f"local Hugging Face cache (peftflow does not download weights): {str(e).splitlines()[0]}"
-        ) from None
+        raise _not_found(params, e) from None
     _portable_4bit(model)
     return model
 
@@ -134,7 +141,8 @@ def base_model_id(params: ModelParams) -> str:
     """A stable name for the base model, for logs and lineage."""
     if params.name_or_path == "embedded":
         return EMBEDDED_ID
-    return (
-        AutoConfig.from_pretrained(resolve_checkpoint(params), local_files_only=True).name_or_path
-        or params.name_or_path
-    )
+    try:
+        config = AutoConfig.from_pretrained(resolve_checkpoint(params), local_files_only=True)
+    except OSError as e:
+        raise _not_found(params, e) from None
+    return config.name_or_path or params.name_or_path

@@ -92,13 +92,18 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch minus labels; minus position ids for input-level soft prompts (prompt tuning,
-    P-tuning), which peft cannot place and drops with a warning on every call. Under rotary
-    position embeddings only relative positions matter, so left padding still works without them."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+def input_prompt_length(model) -> int:
+    """Virtual tokens that peft prepends at the input (prompt tuning, P-tuning), else 0."""
     config = getattr(model, "active_peft_config", None)
     if config is not None and config.is_prompt_learning and config.peft_type.value in ("PROMPT_TUNING", "P_TUNING"):
+        return config.num_virtual_tokens
+    return 0
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch minus labels (and minus position ids where peft would drop them with a warning)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if input_prompt_length(model):
         inputs.pop("position_ids", None)
     return inputs
 
@@ -111,8 +116,21 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     labels = batch["labels"]
     answer = int((labels != IGNORE).any(dim=0).flip(0).cumprod(0).sum())  # trailing label columns
-    logits = model(**model_inputs(model, batch), logits_to_keep=answer + 1).logits[:, :-1]  # col j predicts j+1
-    return logits, labels[:, -answer:]
+    target = labels[:, -answer:]
+    virtual = input_prompt_length(model)
+    if not virtual:
+        return model(**model_inputs(model, batch), logits_to_keep=answer + 1).logits[:, :-1], target
+    # peft puts an input-level soft prompt before the padding and ignores position ids, so left
+    # padding would leave a batch-dependent gap between prompt and text. Move the padding to the
+    # right for these methods, run the full sequence, and pick the answer columns out again.
+    pad = (batch["attention_mask"] == 0).sum(dim=1)  # (B,) left padding of each row
+    rows = range(labels.shape[0])
+    right = {k: torch.stack([batch[k][i].roll(-int(pad[i])) for i in rows]) for k in ("input_ids", "attention_mask")}
+    full = model(**right).logits[:, virtual:]  # (B, T, V), column t predicts token t + 1
+    width = labels.shape[1]
+    cols = torch.arange(width - answer, width, device=full.device)  # answer columns, left-padded coordinates
+    source = (cols[None, :] - pad[:, None].to(full.device) - 1).clamp(min=0)  # (B, A) predicting column
+    return full[torch.arange(len(rows), device=full.device)[:, None], source], target
 
 
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -57,8 +57,11 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":  # two 4-bit weights per stored byte (as peft counts them)
+            n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 
@@ -119,7 +122,9 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, method=None
+) -> Path:
     """Write checkpoint step-N atomically (a .partial folder renamed when complete); prune old ones."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f"step-{step:07d}.partial"
@@ -129,6 +134,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, sta
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
+    if method is not None and method.hook("state") is not None:
+        torch.save(method.hook("state")(model), tmp / "method_state.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -142,7 +149,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method=None) -> dict:
+    state = json.loads((ckpt / "state.json").read_text())
     weights = torch.load(ckpt / "trainable.pt", weights_only=True)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -154,7 +162,40 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return json.loads((ckpt / "state.json").read_text())
+    if method is not None and method.hook("load_state") is not None:
+        method.hook("load_state")(model, torch.load(ckpt / "method_state.pt", weights_only=False))
+    return state
+
+
+# settings that change what is computed, not only when it is logged, evaluated or saved
+_NOT_TRAJECTORY = {
+    "eval",
+    "train.eval_every",
+    "train.eval_examples",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.output_dir",
+    "train.run_name",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def trajectory_params(params: Params) -> dict[str, Any]:
+    """The flattened params that determine the training trajectory (what resume must match)."""
+    flat = _flatten(params.to_dict())
+    return {k: v for k, v in flat.items() if k not in _NOT_TRAJECTORY and k.split(".")[0] not in _NOT_TRAJECTORY}
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def peak_memory_bytes() -> int:
@@ -168,10 +209,10 @@ def optimizer_step(
 ) -> tuple[float, int]:
     """One optimizer step over gradient-accumulated micro-batches: (mean loss, tokens seen).
 
-    method: its optional hooks run here (``extra_loss`` added to the loss, ``after_backward``).
+    method: its optional hooks run here (``extra_loss`` added to the loss, ``after_step``).
     """
     extra_loss = method.hook("extra_loss") if method else None
-    after_backward = method.hook("after_backward") if method else None
+    after_step = method.hook("after_step") if method else None
     total_loss, tokens = 0.0, 0
     for batch in micro_batches:
         batch = {key: t.to(accelerator.device) for key, t in batch.items()}
@@ -184,8 +225,8 @@ def optimizer_step(
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
-    if after_backward:
-        after_backward(accelerator.unwrap_model(model), step)
+    if after_step:
+        after_step(accelerator.unwrap_model(model), step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total_loss, tokens
@@ -232,13 +273,16 @@ def train(
     model: a model from :func:`build_model` to train in place (default: build one).
     Returns the summary also written to ``train_summary.json``.
     """
+    started_at = time.perf_counter()
     cfg = params.train
     run_dir = params.run_dir
     ckpt_root = run_dir / "checkpoints"
     if not resume:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     set_seed(params.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), gradient_accumulation_steps=1)
+    # step_scheduler_with_optimizer=False: max_steps counts global steps, so the schedule steps once
+    # per optimizer step, not once per process
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False)
 
     tokenizer = load_tokenizer(params.model)
     method = get_method(params.method.name)
@@ -259,11 +303,29 @@ def train(
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    state: dict[str, Any] = {"step": 0, "history": [], "evals": [], "tokens": 0, "train_seconds": 0.0}
+    fingerprint = trajectory_params(params)
+    state: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "evals": [],
+        "tokens": 0,
+        "train_seconds": 0.0,
+        "params": fingerprint,
+    }
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        changed = _changed_keys(json.loads((ckpt / "state.json").read_text()).get("params", {}), fingerprint)
+        if changed:
+            raise ValueError(
+                f"{ckpt}: this checkpoint was made with other params ({', '.join(changed[:5])} changed); "
+                f"resume with the same params, or start over with --no-resume"
+            )
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, method)
         log.info("resumed from %s (step %d)", ckpt, state["step"])
+    else:  # a fresh start: nothing of an earlier run may sit beside the new one
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        for stale in ("train_summary.json", "metrics.json"):
+            (run_dir / stale).unlink(missing_ok=True)
     save_params(params, run_dir / "params.yaml")
 
     def evaluate_now(step: int) -> None:
@@ -304,7 +366,14 @@ def train(
         if cfg.save_every and (step % cfg.save_every == 0 or step == last) and step < cfg.max_steps:
             if accelerator.is_main_process:
                 save_checkpoint(
-                    ckpt_root, step, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg.keep_checkpoints
+                    ckpt_root,
+                    step,
+                    accelerator.unwrap_model(model),
+                    optimizer,
+                    scheduler,
+                    state,
+                    cfg.keep_checkpoints,
+                    method,
                 )
     bar.close()
 
@@ -323,6 +392,7 @@ def train(
         "train_seconds": state["train_seconds"],
         "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
         "peak_memory_bytes": peak_memory_bytes(),
+        "wall_seconds": time.perf_counter() - started_at,  # this call: loading, training, evals, saving
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
     }

@@ -10,7 +10,9 @@ and may define any of these optional hooks (see :data:`HOOKS`):
 - ``load_kwargs(params) -> dict``: extra ``from_pretrained`` arguments (e.g. 4-bit quantization);
 - ``optimizer(trainable, lr, weight_decay, params)``: an optimizer other than torch's AdamW;
 - ``extra_loss(model) -> Tensor``: a regularizer added to the training loss;
-- ``after_backward(model, step)``: called after each backward pass, before the optimizer step;
+- ``after_step(model, step)``: called after each optimizer step, before gradients are cleared;
+- ``state(model) -> dict`` / ``load_state(model, state)``: training state beyond the weights and
+  the optimizer that a checkpoint must carry for exact resume (AdaLoRA's importance scores);
 - ``save(model, out_dir)`` / ``load(base_model, out_dir, params)``: when peft's adapter files do not
   fit (hand-written methods);
 - ``merge(model) -> nn.Module``: fold the trained weights into the base (no added latency).
@@ -39,7 +41,18 @@ class MethodParams(BaseModel):
     name: str
 
 
-HOOKS = ("bind", "load_kwargs", "optimizer", "extra_loss", "after_backward", "save", "load", "merge")
+HOOKS = (
+    "bind",
+    "load_kwargs",
+    "optimizer",
+    "extra_loss",
+    "after_step",
+    "state",
+    "load_state",
+    "save",
+    "load",
+    "merge",
+)
 
 
 @dataclass(frozen=True)

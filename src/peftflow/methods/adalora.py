@@ -73,9 +73,26 @@ def extra_loss(model) -> torch.Tensor:
     return weight * torch.stack(terms).mean()
 
 
-def after_backward(model, step: int) -> None:
+def after_step(model, step: int) -> None:
     """Update importance scores and prune the rank budget (needs the gradients, so before zero_grad)."""
     model.base_model.update_and_allocate(step)
+
+
+def state(model) -> dict:
+    """What exact resume needs beyond weights and optimizer: importance scores and the rank pattern."""
+    alloc = model.base_model.rankallocator
+    return {
+        "ipt": alloc.ipt,
+        "exp_avg_ipt": alloc.exp_avg_ipt,
+        "exp_avg_unc": alloc.exp_avg_unc,
+        "rank_pattern": model.peft_config[model.active_adapter].rank_pattern,
+    }
+
+
+def load_state(model, saved: dict) -> None:
+    alloc = model.base_model.rankallocator
+    alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = saved["ipt"], saved["exp_avg_ipt"], saved["exp_avg_unc"]
+    model.peft_config[model.active_adapter].rank_pattern = saved["rank_pattern"]
 
 
 merge = lora.merge  # P·Λ·Q folds into W like B·A

@@ -75,23 +75,32 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
     return weight.data.float()
 
 
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    dense.weight.copy_(weight)
+    if bias is not None:
+        dense.bias.copy_(bias.float())
+    return dense
+
+
 @torch.no_grad()
 def merge(model) -> nn.Module:
-    """De-quantize each adapted layer, add its LoRA update, and return a plain fp32 model."""
+    """De-quantize every 4-bit layer, add the LoRA updates where there are any, return a plain fp32 model."""
+    import bitsandbytes as bnb
+
     base = model.get_base_model()
     for name, module in list(base.named_modules()):
-        if not isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer):
+            inner = module.get_base_layer()
+            weight = _dense_weight(inner)
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).float()
+        elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
+            inner, weight = module, _dense_weight(module)  # not adapted, but quantized all the same
+        else:
             continue
-        inner = module.get_base_layer()
-        weight = _dense_weight(inner)
-        for adapter in module.active_adapters:
-            weight += module.get_delta_weight(adapter).float()
-        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=inner.bias is not None, device=weight.device)
-        dense.weight.copy_(weight)
-        if inner.bias is not None:
-            dense.bias.copy_(inner.bias.float())
         parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent), child, dense)
+        setattr(base.get_submodule(parent), child, _dense(weight, inner.bias))
     for attr in ("is_loaded_in_4bit", "is_quantized"):
         if hasattr(base, attr):
             setattr(base, attr, False)
