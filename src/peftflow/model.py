@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from peftflow.atomic import atomic_dir
 from peftflow.config import ModelParams, Params
 from peftflow.methods import get_method
 
@@ -51,8 +50,6 @@ def convert_embedded(out_dir: Path) -> Path:
     """
     gguf = embedded_gguf()
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting %s to a safetensors checkpoint in %s", gguf.name, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -63,10 +60,9 @@ def convert_embedded(out_dir: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

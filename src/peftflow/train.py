@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import resource
 import shutil
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from peftflow import artifacts, data
+from peftflow.atomic import atomic_dir
 from peftflow.config import Params, save_params
 from peftflow.evaluate import heldout_loss
 from peftflow.methods import get_method
@@ -127,18 +127,14 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint step-N atomically (a .partial folder renamed when complete); prune old ones."""
     final = ckpt_root / f"step-{step:07d}"
-    tmp = ckpt_root / f"step-{step:07d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(_trainable_state(model), tmp / "trainable.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    if method is not None and method.hook("state") is not None:
-        torch.save(method.hook("state")(model), tmp / "method_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        torch.save(_trainable_state(model), tmp / "trainable.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        if method is not None and method.hook("state") is not None:
+            torch.save(method.hook("state")(model), tmp / "method_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
     for old in sorted(ckpt_root.glob("step-???????"))[:-keep]:
         shutil.rmtree(old)
     return final
@@ -149,8 +145,16 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method=None) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method=None, params: dict | None = None) -> dict:
+    """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuse it, before touching
+    anything, if it was made with other trajectory params than ``params`` (see trajectory_params)."""
     state = json.loads((ckpt / "state.json").read_text())
+    changed = _changed_keys(state.get("params", {}), params) if params is not None else []
+    if changed:
+        raise ValueError(
+            f"{ckpt}: this checkpoint was made with other params ({', '.join(changed[:5])} changed); "
+            f"resume with the same params, or start over with --no-resume"
+        )
     weights = torch.load(ckpt / "trainable.pt", weights_only=True)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -314,13 +318,7 @@ def train(
     }
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if ckpt is not None:
-        changed = _changed_keys(json.loads((ckpt / "state.json").read_text()).get("params", {}), fingerprint)
-        if changed:
-            raise ValueError(
-                f"{ckpt}: this checkpoint was made with other params ({', '.join(changed[:5])} changed); "
-                f"resume with the same params, or start over with --no-resume"
-            )
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, method)
+        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, method, fingerprint)
         log.info("resumed from %s (step %d)", ckpt, state["step"])
     else:  # a fresh start: nothing of an earlier run may sit beside the new one
         shutil.rmtree(run_dir / "model", ignore_errors=True)
