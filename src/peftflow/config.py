@@ -96,12 +96,36 @@ class EvalParams(Strict):
     max_examples: int | None = Field(None, ge=1)  # None: the whole test split
 
 
+class TrackingParams(Strict):
+    # None: $MLFLOW_TRACKING_URI if set, else a SQLite store in the project (no server needed).
+    # Any MLflow tracking URI works: http://mlflow.internal:5000, postgresql://..., sqlite:///...
+    uri: str | None = None
+    experiment: str = "peftflow"
+    # where a new experiment keeps artifacts, for the default SQLite store (a folder in the project)
+    artifact_dir: Path = Path("mlartifacts")
+
+
+class Guard(Strict):
+    higher_is_better: bool
+    tolerance: float = Field(0.0, ge=0)  # how much worse than the champion the candidate may be
+
+
+class PromoteParams(Strict):
+    model_name: str = "peftflow-sentiment"  # the registered model every method's versions go to
+    metric: str = "test_accuracy"  # the primary metric (a key of metrics.json)
+    higher_is_better: bool = True
+    min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
+    guards: dict[str, Guard] = {"test_loss": Guard(higher_is_better=False, tolerance=0.0)}
+
+
 class Params(Strict):
     seed: int = 42
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+    promote: PromoteParams = PromoteParams()
     # None only for stages that use no method (data preparation)
     method: SerializeAsAny[MethodParams] | None = None
 
@@ -119,6 +143,28 @@ class Params(Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def rebased(self, root: Path) -> Params:
+        """A copy whose relative paths point under ``root`` (a project folder), not the cwd."""
+        root = Path(root)
+        out = self.model_copy(deep=True)
+        for section, key in [
+            ("model", "embedded_dir"),
+            ("data", "raw_archive"),
+            ("data", "out_dir"),
+            ("train", "output_dir"),
+            ("tracking", "artifact_dir"),
+        ]:
+            obj = getattr(out, section)
+            value = getattr(obj, key)
+            if not value.is_absolute():
+                setattr(obj, key, root / value)
+        for section, key in [("model", "name_or_path"), ("data", "source")]:
+            obj = getattr(out, section)
+            value = getattr(obj, key)
+            if (root / value).exists() and not Path(value).is_absolute():
+                setattr(obj, key, str(root / value))
+        return out
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -174,6 +174,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method=None, params
 # settings that change what is computed, not only when it is logged, evaluated or saved
 _NOT_TRAJECTORY = {
     "eval",
+    "tracking",
+    "promote",
     "train.eval_every",
     "train.eval_examples",
     "train.save_every",
