@@ -1,0 +1,112 @@
+"""The pipeline's steps as plain functions over a project folder; ``tasks/`` wraps each in Prefect.
+
+A project is a folder with ``params/``, ``dvc.yaml`` and a DVC setup (this repository is one).
+Between steps only small values travel: a :class:`DataVersion`, an MLflow run id, a registry
+version, a decision.
+
+Who owns what: DVC owns the data graph (``base_model`` -> ``prepare``), so data is prepared by
+``dvc repro``, which skips up-to-date stages and restores cached outputs instead of recomputing
+them, then pushed to the DVC remote. MLflow owns experiments: each ``finetune`` is a new run by
+intent (nightly retraining must retrain), logged with the DVC hash of the data it used. The
+``train``/``evaluate`` stages in ``dvc.yaml`` serve ``dvc repro`` and ``dvc exp run`` users.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from peftflow import data, registry, tracking, versioning
+from peftflow.config import Params, ParamsError, load_params, parse_override
+from peftflow.promote import Decision
+
+log = logging.getLogger(__name__)
+
+
+class Project(BaseModel):
+    """Where the pipeline runs: the project folder and its params folder (relative to it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: Path = Field(Path("."), description="project folder: params/, dvc.yaml, .dvc/")
+    params_dir: Path = Field(Path("params"), description="params folder, relative to root")
+    overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE overrides, e.g. train.lr=1.0e-4")
+
+    def params(self, method: str | None) -> Params:
+        """Resolved params; for steps without a method, method.* overrides do not apply."""
+        overrides = self.overrides if method else [o for o in self.overrides if parse_override(o)[0][0] != "method"]
+        return load_params(method, self.root / self.params_dir, overrides)
+
+
+class DataVersion(BaseModel):
+    version: str  # content hash of the prepared splits (manifest.json)
+    dvc_md5: str | None  # DVC's hash of the prepared folder: restores it from the cache or remote
+    out_dir: Path  # relative to the project root
+    rows: dict[str, int]
+    stages_run: list[str]  # empty: DVC had everything up to date
+
+
+# data.* comes from params files that dvc.yaml lists; an override would prepare data DVC does not know
+_DVC_OWNED = ("data",)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        path, _ = parse_override(item)
+        if path[0] in _DVC_OWNED:
+            raise ParamsError(
+                f"override {item!r}: data.* is DVC-tracked; set it in params/data.yaml (or `dvc exp run -S`), "
+                f"so the prepared data and its version match the params"
+            )
+
+
+def prepare_data(project: Project) -> DataVersion:
+    """``dvc repro`` the base model (embedded only) and prepared data, push them; the data version."""
+    check_overrides(project.overrides)
+    params = project.params(None)
+    targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["prepare"]
+    ran = versioning.repro(project.root, targets)
+    log.info("dvc repro %s: %s", " ".join(targets), f"ran {', '.join(ran)}" if ran else "all up to date")
+    versioning.push(project.root, ["prepare"])
+    manifest = data.read_manifest(params.rebased(project.root).data.out_dir)
+    return DataVersion(
+        version=manifest["version"],
+        dvc_md5=versioning.out_hash(project.root, str(params.data.out_dir)),
+        out_dir=params.data.out_dir,
+        rows={k: v["rows"] for k, v in manifest["files"].items()},
+        stages_run=ran,
+    )
+
+
+def finetune(project: Project, method: str, data_version: DataVersion) -> str:
+    """Train one method on the prepared data in a new MLflow run; the run id."""
+    check_overrides(project.overrides)
+    params = project.params(method)
+    found = data.read_manifest(params.rebased(project.root).data.out_dir)["version"]
+    if found != data_version.version:
+        raise data.DataError(
+            f"{params.data.out_dir}: holds data version {found}, expected {data_version.version}; "
+            f"prepare the data again (dvc repro prepare)"
+        )
+    return tracking.finetune(params, project.root, data_version.dvc_md5)
+
+
+def evaluate(project: Project, run_id: str) -> dict[str, float]:
+    """Test metrics of a run (and the base model's zero-shot figures), logged to the run."""
+    result = tracking.evaluate(run_id, project.root, project.params(None))
+    return tracking.metrics_to_log(result)
+
+
+def register(project: Project, run_id: str) -> str:
+    """Register the run's artifact as a new version; alias ``candidate`` -> it. The version number."""
+    params = project.params(None)
+    client, _ = tracking.connect(params, project.root)
+    return registry.register(client, run_id, params.promote.model_name)
+
+
+def promote(project: Project) -> Decision:
+    """Move alias ``champion`` to ``candidate`` if the promotion policy says it is better."""
+    params = project.params(None)
+    client, _ = tracking.connect(params, project.root)
+    return registry.promote(client, project.root, params)

@@ -1,0 +1,249 @@
+"""MLflow runs: one per fine-tuning, with its lineage, params, metrics, data and artifact.
+
+A run logs the resolved params (flattened, and the merged YAML as ``params.yaml``), per-step train
+and validation metrics, the test metrics beside the base model's zero-shot figures, efficiency
+figures, the train and test splits as MLflow dataset inputs (digest = the data version), and the
+lineage tags below. Its ``model/`` artifact is what the method trained, plus ``params.yaml``, so a
+registered version is self-contained. The run ends FAILED if training fails, and evaluation reads
+the artifact back from MLflow: what is scored is exactly what gets registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from peftflow import data
+from peftflow.config import Params, read_resolved, save_params
+from peftflow.versioning import git_commit, git_dirty
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "mlflow", "dvc", "prefect")
+# tags that say which code, data, model and seed made a run; copied onto registry versions
+LINEAGE_KEYS = (
+    "peftflow.method",
+    "peftflow.base_model",
+    "peftflow.seed",
+    "peftflow.data_version",
+    "peftflow.data_source",
+    "dvc.data_md5",
+    "git.commit",
+    "git.dirty",
+    "peftflow.version",
+    *(f"pkg.{p}" for p in PACKAGES),
+)
+# the metrics reproduce checks (efficiency figures vary with the machine's load)
+QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
+
+
+class TrackingError(RuntimeError):
+    """MLflow is unreachable or lacks what was asked for; one line saying which."""
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    if params.tracking.uri:
+        return params.tracking.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def connect(params: Params, root: Path) -> tuple[MlflowClient, str]:
+    """A client for the configured store (checked to answer) and the experiment's id.
+
+    Everything goes through this client: MLflow's fluent API keeps one tracking URI per process
+    (and exports it to the environment), which a long-lived Prefect worker serving several
+    projects must not share.
+    """
+    uri = tracking_uri(params, root)
+    client = MlflowClient(uri, registry_uri=uri)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")  # fail fast
+    try:
+        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        location = None
+        if uri.startswith("sqlite:") and not params.tracking.uri:  # the embedded local store
+            location = (Path(root) / params.tracking.artifact_dir).resolve().as_uri()
+        return client, client.create_experiment(params.tracking.experiment, artifact_location=location)
+    except Exception as e:  # requests' and SQLAlchemy's errors alike: say where, in one line
+        first = " ".join(str(e).split())[:300]
+        raise TrackingError(f"MLflow tracking URI {uri}: unreachable or unusable ({first})") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def lineage(params: Params, root: Path, manifest: dict[str, Any], data_md5: str | None) -> dict[str, str]:
+    from peftflow.model import base_model_id
+
+    tags = {
+        "peftflow.method": params.method.name,
+        "peftflow.base_model": base_model_id(params.rebased(root).model),
+        "peftflow.seed": str(params.seed),
+        "peftflow.data_version": manifest["version"],
+        "peftflow.data_source": manifest["source"],
+        "dvc.data_md5": data_md5 or "none",
+        "git.commit": git_commit(root) or "none",
+        "git.dirty": str(git_dirty(root)).lower(),
+    }
+    for name in ("peftflow", *PACKAGES):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "none"
+        tags["peftflow.version" if name == "peftflow" else f"pkg.{name}"] = version
+    return tags
+
+
+def _log_datasets(client: MlflowClient, run_id: str, params: Params, manifest: dict, md5: str | None) -> None:
+    """The train and test splits as MLflow dataset inputs; digest = the data version."""
+    inputs = []
+    for split, context in (("train", "training"), ("test", "testing")):
+        dataset = Dataset(
+            name=f"{Path(manifest['source']).stem}-{split}",
+            digest=manifest["version"],
+            source_type="dvc",
+            source=json.dumps(
+                {"path": f"{params.data.out_dir}/{split}.jsonl", "dvc_md5": md5, "origin": manifest["source"]}
+            ),
+            schema=json.dumps({"columns": ["prompt", "completion"], "targets": "completion"}),
+            profile=json.dumps({"num_rows": manifest["files"][split]["rows"]}),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+@contextlib.contextmanager
+def _running(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Mark the run RUNNING; FINISHED on success, FAILED (KILLED on Ctrl-C) if the block raises."""
+    client.update_run(run_id, status="RUNNING")
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, str] | None = None) -> str:
+    """Train ``params.method`` in a new MLflow run; its id. ``params`` paths are relative to ``root``."""
+    from peftflow.train import train
+
+    root = Path(root)
+    client, experiment_id = connect(params, root)
+    local = params.rebased(root)
+    manifest = data.read_manifest(local.data.out_dir)
+    run_tags = {**lineage(params, root, manifest, data_md5), **(tags or {})}
+    run_id = client.create_run(experiment_id, tags=run_tags, run_name=params.method.name).info.run_id
+    with _running(client, run_id):
+        params = params.model_copy(update={"train": params.train.model_copy(update={"run_name": run_id})})
+        local = local.model_copy(update={"train": local.train.model_copy(update={"run_name": run_id})})
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
+        for i in range(0, len(flat), 100):  # the store takes at most 100 params per batch
+            client.log_batch(run_id, params=flat[i : i + 100])
+        _log_datasets(client, run_id, params, manifest, data_md5)
+
+        def to_mlflow(metrics: dict[str, float], step: int) -> None:
+            _log_metrics(client, run_id, metrics, step)
+
+        summary = train(local, resume=False, callbacks=(to_mlflow,))
+        final = {
+            "final_train_loss": summary["final_train_loss"],
+            "peak_memory_bytes": summary["peak_memory_bytes"],
+            "artifact_bytes": summary.get("artifact_bytes", 0),
+            **{
+                k: summary[k]
+                for k in ("trainable_params", "total_params", "trainable_pct", "tokens_per_s", "train_seconds")
+            },
+        }
+        _log_metrics(client, run_id, final, summary["steps"])
+        with tempfile.TemporaryDirectory() as tmp:  # paths as the user wrote them, not this machine's
+            save_params(params, Path(tmp) / "params.yaml")
+            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"))
+            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"), "model")
+        client.log_artifact(run_id, str(local.run_dir / "train_summary.json"))
+        client.log_artifacts(run_id, str(local.run_dir / "model"), "model")
+    log.info("MLflow run %s: %s trained, artifact logged", run_id, params.method.name)
+    return run_id
+
+
+@contextlib.contextmanager
+def downloaded(client: MlflowClient, run_id: str) -> Iterator[Path]:
+    """A temporary copy of a run's ``model/`` artifact and summary (a folder shaped like a run folder)."""
+    with tempfile.TemporaryDirectory(prefix="peftflow-run-") as tmp:
+        try:
+            client.download_artifacts(run_id, "model", tmp)
+        except (MlflowException, OSError) as e:
+            raise TrackingError(f"run {run_id}: no model artifact ({' '.join(str(e).split())[:200]})") from None
+        with contextlib.suppress(MlflowException, OSError):
+            client.download_artifacts(run_id, "train_summary.json", tmp)
+        yield Path(tmp)
+
+
+def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
+    """metrics.json -> flat numeric MLflow metrics; the base model's figures as zeroshot_*."""
+    flat = flatten({k: v for k, v in result.items() if k != "zeroshot"})
+    flat.update({f"zeroshot_{k}": v for k, v in flatten(result.get("zeroshot", {})).items()})
+    return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def evaluate(run_id: str, root: Path, params: Params) -> dict[str, Any]:
+    """Score the run's logged artifact on the test split; log the metrics to the run. Returns metrics.json.
+
+    ``params`` gives the tracking store and, when the run's data is elsewhere, the data folder.
+    """
+    from peftflow.evaluate import evaluate_run
+
+    client, _ = connect(params, root)
+    with downloaded(client, run_id) as run_dir:
+        run_params = read_resolved(run_dir / "model" / "params.yaml").rebased(root)
+        run_params.data.out_dir = params.rebased(root).data.out_dir
+        with _running(client, run_id):
+            result = evaluate_run(run_dir, run_params)
+            _log_metrics(client, run_id, metrics_to_log(result))
+            client.log_artifact(run_id, str(run_dir / "metrics.json"))
+            client.set_tag(run_id, "peftflow.evaluated", "true")
+    return result
+
+
+def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    return dict(client.get_run(run_id).data.metrics)
+
+
+def run_params(client: MlflowClient, run_id: str) -> Params:
+    """The resolved params a run logged (paths relative to its project)."""
+    with tempfile.TemporaryDirectory(prefix="peftflow-params-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, "params.yaml", tmp)
+        except (MlflowException, OSError):
+            raise TrackingError(f"run {run_id}: no params.yaml artifact; not a peftflow run") from None
+        return read_resolved(Path(path))

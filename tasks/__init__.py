@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over ``peftflow.pipeline``, one per pipeline step."""

@@ -1,0 +1,172 @@
+"""The orchestrated pipeline with real parts: Prefect's test harness, a SQLite MLflow store, DVC with
+a local remote, git, in a temporary project on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from peftflow import pipeline, registry, tracking, versioning
+from peftflow.config import ParamsError
+from peftflow.pipeline import Project
+from peftflow.reproduce import reproduce
+from tests.project import BIN, commit, make_project
+
+MODEL = "peftflow-sentiment"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    saved = {k: os.environ.get(k) for k in ("PATH", "MLFLOW_TRACKING_URI")}
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # dvc stages call `peftflow`
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = make_project(tmp_path_factory.mktemp("project") / "proj", tiny_model_dir)
+    yield root
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _client(root) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _aliases(client: MlflowClient) -> dict[str, str]:
+    return dict(client.get_registered_model(MODEL).aliases)
+
+
+def test_experiment_flow_registers_promotes_and_logs_lineage(project, harness):
+    from flows.pipeline import experiment, prepare_data
+
+    weak = experiment(methods=["lora"], project=Project(root=project, overrides=["train.max_steps=1"]))
+    strong = experiment(methods=["lora"], project=Project(root=project, overrides=["train.max_steps=24"]))
+    assert weak[0]["promoted"] and "no champion yet" in weak[0]["reasons"][0]
+    assert strong[0]["promoted"], strong[0]["reasons"]
+    assert strong[0]["metrics"]["test_loss"] < weak[0]["metrics"]["test_loss"]
+
+    client = _client(project)
+    assert _aliases(client) == {"candidate": strong[0]["version"], "champion": strong[0]["version"]}
+    again = prepare_data(project=Project(root=project))  # nothing changed: DVC runs no stage
+    assert again.stages_run == []
+
+    # registry versions answer "which data and code made this adapter?"
+    version = client.get_model_version(MODEL, strong[0]["version"])
+    assert set(tracking.LINEAGE_KEYS) <= set(version.tags)
+    assert version.tags["peftflow.data_version"] == again.version
+    assert version.tags["dvc.data_md5"] == again.dvc_md5
+    assert version.tags["git.commit"] == versioning.git_commit(project)
+    assert version.tags["peftflow.method"] == "lora" and version.tags["peftflow.promotion"] == "promoted"
+    assert version.run_id == strong[0]["run_id"]
+
+    run = client.get_run(strong[0]["run_id"])
+    assert run.data.params["train.lr"] == "0.005" and run.data.params["method.r"] == "16"
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 12 and losses[-1] < losses[0]  # logged every 2 of 24 steps
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [4, 8, 12, 16, 20, 24]
+    for key in ("test_accuracy", "test_loss", "zeroshot_test_loss", "trainable_params", "tokens_per_s"):
+        assert key in run.data.metrics
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {again.version}
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/peftflow.json", "model/params.yaml", "model/adapter_model.safetensors"} <= files
+
+
+def test_promotion_keeps_the_champion_on_worse_and_tie(project, harness):
+    client = _client(project)
+    champion = _aliases(client)["champion"]
+    strong_run = client.get_model_version(MODEL, champion).run_id
+    weak_run = client.get_model_version(MODEL, str(int(champion) - 1)).run_id
+    proj = Project(root=project)
+
+    worse = pipeline.register(proj, weak_run)
+    decision = pipeline.promote(proj)
+    assert not decision.promote and "worse" in decision.reasons[0]
+    assert _aliases(client) == {"candidate": worse, "champion": champion}
+    assert client.get_model_version(MODEL, worse).tags["peftflow.promotion"] == "kept"
+
+    tie = pipeline.register(proj, strong_run)
+    decision = pipeline.promote(proj)
+    assert not decision.promote and "a tie" in decision.reasons[0]
+    assert _aliases(client) == {"candidate": tie, "champion": champion}
+
+
+def test_registered_champion_loads_ready_for_inference(project, harness):
+    params = Project(root=project).params(None)
+    model, tokenizer, model_params, version = registry.load(f"models:/{MODEL}@champion", project, params)
+    assert version.version == _aliases(_client(project))["champion"] and not model.training
+    from peftflow.data import read_split
+    from peftflow.evaluate import classify
+
+    # raw texts in, labels out: as accurate as the evaluation said, so prompts are built as in training
+    test = read_split(project / "data" / "prepared", "test")
+    rows = classify(model, tokenizer, model_params, [ex["prompt"].split("Review: ", 1)[1] for ex in test])
+    accuracy = sum(r["label"] == ex["completion"] for r, ex in zip(rows, test, strict=True)) / len(test)
+    logged = _client(project).get_run(version.run_id).data.metrics["test_accuracy"]
+    assert accuracy == pytest.approx(logged) and all(0.5 <= r["probability"] <= 1 for r in rows)
+
+
+def test_reproduce_restores_the_data_from_the_remote_with_zero_drift(project, harness):
+    client = _client(project)
+    run_id = client.get_model_version(MODEL, _aliases(client)["champion"]).run_id
+    shutil.rmtree(project / "data" / "prepared")  # neither the workspace nor the cache has the data:
+    shutil.rmtree(project / ".dvc" / "cache")  # it must come back from the DVC remote
+    result = reproduce(run_id, project, Project(root=project).params(None))
+    assert set(result["drift"]) >= {"final_train_loss", "val_loss", "test_loss", "test_accuracy"}
+    assert all(d == 0.0 for d in result["drift"].values()), result["drift"]
+    assert client.get_run(result["run_id"]).data.tags["peftflow.reproduces"] == run_id
+
+
+def test_reproduce_refuses_other_code(project, harness):
+    client = _client(project)
+    run_id = client.get_model_version(MODEL, "1").run_id
+    (project / "NOTES.md").write_text("a later change\n")
+    commit(project, "later")
+    with pytest.raises(versioning.VersioningError, match=r"was made at commit \w{12}, the project is at \w{12}"):
+        reproduce(run_id, project, Project(root=project).params(None))
+
+
+def test_bad_input_fails_in_one_line_and_writes_nothing(project, harness):
+    proj = Project(root=project)
+    client = _client(project)
+    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
+    data_version = pipeline.prepare_data(proj)
+
+    with pytest.raises(ParamsError, match="no params file for method 'nope'; available: adalora"):
+        pipeline.finetune(proj, "nope", data_version)
+    with pytest.raises(ParamsError, match="elsewhere/base.yaml: no such params file"):
+        Project(root=project, params_dir="elsewhere").params(None)
+    with pytest.raises(ParamsError, match="data.\\* is DVC-tracked"):
+        pipeline.prepare_data(Project(root=project, overrides=["data.split.seed=3"]))
+    with pytest.raises(versioning.VersioningError, match="data version 0+.dir: not found in the DVC cache"):
+        versioning.restore(project, "0" * 32 + ".dir", project / "restored")
+
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="MLflow tracking URI http://127.0.0.1:9: unreachable"):
+        pipeline.register(Project(root=project, overrides=["tracking.uri=http://127.0.0.1:9"]), "x")
+    assert time.monotonic() - started < 30
+
+    # a run that fails while training ends FAILED, and cannot be registered
+    bad = Project(root=project, overrides=["train.batch_size=100000"])
+    with pytest.raises(ValueError, match="train.batch_size"):
+        pipeline.finetune(bad, "lora", data_version)
+    failed = client.search_runs([client.get_experiment_by_name("peftflow").experiment_id], order_by=["start_time DESC"])
+    assert failed[0].info.status == "FAILED"
+    with pytest.raises(tracking.TrackingError, match="is FAILED, not FINISHED"):
+        pipeline.register(proj, failed[0].info.run_id)
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before
+
+    params = proj.params(None)
+    with pytest.raises(tracking.TrackingError, match="has no alias 'production'; its aliases: candidate, champion"):
+        registry.load(f"models:/{MODEL}@production", project, params)
+    with pytest.raises(tracking.TrackingError, match="no registered model 'other'; registered: peftflow-sentiment"):
+        registry.load("models:/other@champion", project, params)
