@@ -55,10 +55,12 @@ def _run(fn, *args, **kwargs):
     """Call the core; turn a user-facing error into one red line and exit code 2."""
     from peftflow.config import ParamsError
     from peftflow.data import DataError
+    from peftflow.tracking import TrackingError
+    from peftflow.versioning import VersioningError
 
     try:
         return fn(*args, **kwargs)
-    except (ParamsError, DataError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ParamsError, DataError, TrackingError, VersioningError, FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e).strip("'\""))
 
 
@@ -178,6 +180,56 @@ def merge(
     params = _run(read_resolved, run / "params.yaml")
     _run(merge_and_save, params, run, out)
     console.print(f"[green]merged checkpoint written to {out}[/] (loads with transformers alone)")
+
+
+def _project_params(params_dir: Path, overrides: list[str] | None):
+    """Params for commands that use no method (tracking store, promotion policy)."""
+    return _params(None, params_dir, [o for o in overrides or [] if not o.startswith("method.")])
+
+
+@app.command()
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="The MLflow run to re-run.")],
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+    allow_code_change: Annotated[
+        bool, typer.Option(help="Re-run even if the code is not at the run's git commit.")
+    ] = False,
+) -> None:
+    """Re-run a logged run from its params, git commit and DVC data version; print each metric's drift."""
+    from peftflow.reproduce import reproduce as reproduce_core
+
+    params = _project_params(params_dir, overrides)
+    result = _run(reproduce_core, run_id, Path("."), params, allow_code_change)
+    table = Table(title=f"run {run_id} reproduced as {result['run_id']}", title_justify="left")
+    for col in ("metric", "original", "reproduced", "drift"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, drift in result["drift"].items():
+        table.add_row(key, f"{result['original_metrics'][key]:.6f}", f"{result['metrics'][key]:.6f}", f"{drift:+.2e}")
+    console.print(table)
+
+
+@app.command()
+def load(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    text: Annotated[list[str] | None, typer.Option("--text", "-t", help="Classify this text. Repeatable.")] = None,
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+) -> None:
+    """Load a registered model (base + adapter) ready for inference; classify --text inputs with it."""
+    from peftflow.evaluate import classify
+    from peftflow.registry import load as load_registered
+
+    params = _project_params(params_dir, overrides)
+    model, tokenizer, model_params, version = _run(load_registered, uri, Path("."), params)
+    tags = version.tags
+    console.print(
+        f"[green]{uri}[/] = {version.name} version {version.version}: {model_params.method.name} on "
+        f"{tags.get('peftflow.base_model')}, data {tags.get('peftflow.data_version')}, "
+        f"commit {tags.get('git.commit', '?')[:12]}, run {version.run_id}"
+    )
+    for row in _run(classify, model, tokenizer, model_params, text) if text else []:
+        console.print(f"{row['label']:>10} ({row['probability']:.3f})  {row['text']}")
 
 
 @app.command()

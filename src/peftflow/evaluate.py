@@ -216,3 +216,22 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
     }
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[str, Any]]:
+    """Label raw texts with a model trained on ``text_label`` data: the answer and its probability
+    among the labels. Prompts are built exactly as in training (template, instruction, cue)."""
+    if params.data.format != "text_label" or not params.data.labels:
+        raise ValueError("classify needs a model trained on data.format text_label with data.labels")
+    labels = sorted(set(params.data.labels.values()))
+    rows = [{params.data.columns.text: t, params.data.columns.label: next(iter(params.data.labels))} for t in texts]
+    examples = data.to_examples(rows, params.data, "input")
+    device = next(model.parameters()).device
+    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
+    room = params.data.max_length - max(len(ids) for ids in label_ids)
+    prompts = [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples]
+    probs = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device).softmax(-1)
+    return [
+        {"text": t, "label": labels[int(p.argmax())], "probability": float(p.max())}
+        for t, p in zip(texts, probs, strict=True)
+    ]
