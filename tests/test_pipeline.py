@@ -3,6 +3,7 @@ a local remote, git, in a temporary project on the tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -14,6 +15,7 @@ from peftflow import pipeline, registry, tracking, versioning
 from peftflow.config import ParamsError
 from peftflow.pipeline import Project
 from peftflow.reproduce import reproduce
+from tests.conftest import make_rows
 from tests.project import BIN, commit, make_project
 
 MODEL = "peftflow-sentiment"
@@ -23,6 +25,7 @@ MODEL = "peftflow-sentiment"
 def harness():
     from prefect.testing.utilities import prefect_test_harness
 
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # offline: no telemetry attempts
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
@@ -170,3 +173,21 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(project, harness):
         registry.load(f"models:/{MODEL}@production", project, params)
     with pytest.raises(tracking.TrackingError, match="no registered model 'other'; registered: peftflow-sentiment"):
         registry.load("models:/other@champion", project, params)
+
+
+def test_new_data_rescores_the_champion_before_comparing(project, harness):
+    from flows.pipeline import experiment
+
+    client = _client(project)
+    champion = client.get_model_version(MODEL, _aliases(client)["champion"])
+    with (project / "data" / "raw" / "reviews.jsonl").open("a") as f:  # tonight's data: 40 more rows (data/raw is DVC's, not git's)
+        f.write("".join(json.dumps(r) + "\n" for r in make_rows(40, seed=1)))
+    result = experiment(methods=["lora"], project=Project(root=project, overrides=["train.max_steps=1"]))[0]
+    new_version = client.get_model_version(MODEL, result["version"]).tags["peftflow.data_version"]
+    assert new_version != champion.tags["peftflow.data_version"]
+
+    rescored = registry.evaluate_version(client, MODEL, champion.version, project, Project(root=project).params(None))
+    assert rescored["test_loss"] != client.get_run(champion.run_id).data.metrics["test_loss"]  # another test set
+    assert f"vs {rescored['test_accuracy']:.4f}" in result["reasons"][0]
+    assert f"test_loss {result['metrics']['test_loss']:.4f} vs {rescored['test_loss']:.4f}" in result["reasons"][1]
+    assert not result["promoted"] and _aliases(client)["champion"] == champion.version

@@ -39,6 +39,11 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
     )
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user (the flows' entry point calls it too)."""
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -51,7 +56,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _run(fn, *args, **kwargs):
+def run_or_exit(fn, *args, **kwargs):
     """Call the core; turn a user-facing error into one red line and exit code 2."""
     from peftflow.config import ParamsError
     from peftflow.data import DataError
@@ -67,7 +72,7 @@ def _run(fn, *args, **kwargs):
 def _params(method: str | None, params_dir: Path, overrides: list[str] | None):
     from peftflow.config import load_params
 
-    return _run(load_params, method, params_dir, overrides or [])
+    return run_or_exit(load_params, method, params_dir, overrides or [])
 
 
 @app.command("convert-base")
@@ -84,7 +89,7 @@ def convert_base(
     if (out / "config.json").is_file() and not force:
         console.print(f"base model already converted: {out}")
         return
-    _run(convert_embedded, out)
+    run_or_exit(convert_embedded, out)
     console.print(f"[green]base model written to {out}[/]")
 
 
@@ -94,7 +99,7 @@ def prepare(params_dir: ParamsDir = Path("params"), overrides: Overrides = None)
     from peftflow.data import prepare as prepare_data
 
     params = _params(None, params_dir, overrides)
-    manifest = _run(prepare_data, params.data)
+    manifest = run_or_exit(prepare_data, params.data)
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in manifest["files"].items())
     console.print(
         f"[green]data version {manifest['version']}[/] ({manifest['source']}: {sizes}) in {params.data.out_dir}"
@@ -112,7 +117,7 @@ def train(
     from peftflow.train import train as train_core
 
     params = _params(method, params_dir, overrides)
-    summary = _run(train_core, params, resume=resume)
+    summary = run_or_exit(train_core, params, resume=resume)
     console.print(
         f"[green]{method}: {summary['steps']} steps, loss {summary['first_train_loss']:.4f} -> "
         f"{summary['final_train_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
@@ -159,11 +164,11 @@ def evaluate(
     if run is not None and overrides:
         _fail("--run evaluates with the run's own params.yaml; -s overrides go with --method")
     if run is not None:
-        params = _run(read_resolved, run / "params.yaml")
+        params = run_or_exit(read_resolved, run / "params.yaml")
     else:
         params = _params(method, params_dir, overrides)
         run = params.run_dir
-    result = _run(evaluate_run, run, params)
+    result = run_or_exit(evaluate_run, run, params)
     console.print(_table(result))
     console.print(f"base model: {result['base_model']}\nmetrics written to {run / 'metrics.json'}")
 
@@ -177,8 +182,8 @@ def merge(
     from peftflow.artifacts import merge_and_save
     from peftflow.config import read_resolved
 
-    params = _run(read_resolved, run / "params.yaml")
-    _run(merge_and_save, params, run, out)
+    params = run_or_exit(read_resolved, run / "params.yaml")
+    run_or_exit(merge_and_save, params, run, out)
     console.print(f"[green]merged checkpoint written to {out}[/] (loads with transformers alone)")
 
 
@@ -200,7 +205,7 @@ def reproduce(
     from peftflow.reproduce import reproduce as reproduce_core
 
     params = _project_params(params_dir, overrides)
-    result = _run(reproduce_core, run_id, Path("."), params, allow_code_change)
+    result = run_or_exit(reproduce_core, run_id, Path("."), params, allow_code_change)
     table = Table(title=f"run {run_id} reproduced as {result['run_id']}", title_justify="left")
     for col in ("metric", "original", "reproduced", "drift"):
         table.add_column(col, justify="left" if col == "metric" else "right")
@@ -221,14 +226,14 @@ def load(
     from peftflow.registry import load as load_registered
 
     params = _project_params(params_dir, overrides)
-    model, tokenizer, model_params, version = _run(load_registered, uri, Path("."), params)
+    model, tokenizer, model_params, version = run_or_exit(load_registered, uri, Path("."), params)
     tags = version.tags
     console.print(
         f"[green]{uri}[/] = {version.name} version {version.version}: {model_params.method.name} on "
         f"{tags.get('peftflow.base_model')}, data {tags.get('peftflow.data_version')}, "
         f"commit {tags.get('git.commit', '?')[:12]}, run {version.run_id}"
     )
-    for row in _run(classify, model, tokenizer, model_params, text) if text else []:
+    for row in run_or_exit(classify, model, tokenizer, model_params, text) if text else []:
         console.print(f"{row['label']:>10} ({row['probability']:.3f})  {row['text']}")
 
 

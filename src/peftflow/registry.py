@@ -118,11 +118,12 @@ def promote(client: MlflowClient, root: Path, params: Params) -> Decision:
             champ_metrics = evaluate_version(client, name, champ.version, root, params)
     decision = decide(cand_metrics, champ_metrics, policy)
     against = f"v{champ.version}" if champ is not None else "none"
-    client.set_model_version_tag(name, cand.version, "peftflow.promotion", "promoted" if decision.promote else "kept")
-    client.set_model_version_tag(name, cand.version, "peftflow.promotion_against", against)
-    client.set_model_version_tag(name, cand.version, "peftflow.promotion_reasons", "; ".join(decision.reasons))
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, cand.version)
+    # recorded once the alias has moved (or stayed), so the tag never claims a move that failed
+    client.set_model_version_tag(name, cand.version, "peftflow.promotion_against", against)
+    client.set_model_version_tag(name, cand.version, "peftflow.promotion_reasons", "; ".join(decision.reasons))
+    client.set_model_version_tag(name, cand.version, "peftflow.promotion", "promoted" if decision.promote else "kept")
     log.info("%s v%s vs champion %s: %s", name, cand.version, against, decision)
     return decision
 
