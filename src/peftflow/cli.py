@@ -154,6 +154,7 @@ def evaluate(
     run: Annotated[Path | None, typer.Option("--run", help="A run folder; its params.yaml is used.")] = None,
     params_dir: ParamsDir = Path("params"),
     overrides: Overrides = None,
+    metrics_out: Annotated[Path | None, typer.Option(help="Also write the metrics to this file.")] = None,
 ) -> None:
     """Score a trained run and the base model (zero-shot) on the test split; writes metrics.json."""
     from peftflow.config import read_resolved
@@ -169,8 +170,34 @@ def evaluate(
         params = _params(method, params_dir, overrides)
         run = params.run_dir
     result = run_or_exit(evaluate_run, run, params)
+    if metrics_out is not None:
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        metrics_out.write_text((run / "metrics.json").read_text())
     console.print(_table(result))
     console.print(f"base model: {result['base_model']}\nmetrics written to {run / 'metrics.json'}")
+
+
+@app.command()
+def compare(
+    metrics_dir: Annotated[Path, typer.Option(help="Folder of <method>.json metrics files.")] = Path("metrics"),
+    out: Annotated[Path, typer.Option(help="Where to write the Markdown leaderboard.")] = Path(
+        "reports/leaderboard.md"
+    ),
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+) -> None:
+    """Rank the evaluated methods by the promotion metric: quality beside cost, as a Markdown table."""
+    from peftflow.compare import leaderboard, markdown
+
+    files = sorted(metrics_dir.glob("*.json"))
+    if not files:
+        _fail(f"{metrics_dir}: no metrics files; run `peftflow evaluate --metrics-out {metrics_dir}/<method>.json`")
+    params = _project_params(params_dir, overrides)
+    table = markdown(run_or_exit(leaderboard, files, params.promote))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    console.print(table, highlight=False)
+    console.print(f"leaderboard written to {out}")
 
 
 @app.command()
