@@ -180,7 +180,8 @@ def test_new_data_rescores_the_champion_before_comparing(project, harness):
 
     client = _client(project)
     champion = client.get_model_version(MODEL, _aliases(client)["champion"])
-    with (project / "data" / "raw" / "reviews.jsonl").open("a") as f:  # tonight's data: 40 more rows (data/raw is DVC's, not git's)
+    # tonight's data: 40 more rows (data/raw is DVC's, not git's: no commit needed)
+    with (project / "data" / "raw" / "reviews.jsonl").open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in make_rows(40, seed=1)))
     result = experiment(methods=["lora"], project=Project(root=project, overrides=["train.max_steps=1"]))[0]
     new_version = client.get_model_version(MODEL, result["version"]).tags["peftflow.data_version"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from peftflow.train import latest_checkpoint, train
 
@@ -52,3 +53,16 @@ def test_no_resume_starts_over(tiny_params):
     train(params, stop_after=2, progress=False)
     fresh = train(params, resume=False, progress=False)
     assert [h["step"] for h in fresh["history"]] == [1, 2, 3, 4]
+
+
+def test_peak_memory_is_per_run_not_per_process():
+    from peftflow.train import peak_memory_bytes, reset_peak_memory
+
+    reset_peak_memory()
+    big = torch.ones(2**27)  # 512 MiB, touched
+    big += 1
+    del big
+    before = peak_memory_bytes()
+    reset_peak_memory()
+    after = peak_memory_bytes()
+    assert before - after > 400 * 2**20, (before, after)
