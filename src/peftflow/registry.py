@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from peftflow import tracking
+from peftflow import data, tracking
 from peftflow.atomic import atomic_dir
 from peftflow.config import Params, read_resolved
 from peftflow.promote import Decision, decide
@@ -114,6 +114,13 @@ def promote(client: MlflowClient, root: Path, params: Params) -> Decision:
         champ_metrics = tracking.run_metrics(client, champ.run_id)
         if champ.tags.get("peftflow.data_version") != cand.tags.get("peftflow.data_version"):
             # figures from two test sets do not compare: score the champion on the candidate's data
+            want = cand.tags.get("peftflow.data_version")
+            have = data.read_manifest(params.rebased(root).data.out_dir)["version"]
+            if have != want:
+                raise tracking.TrackingError(
+                    f"the champion must be re-scored on the candidate's data ({want}), but "
+                    f"{params.data.out_dir} holds {have}; run prepare_data for that data first"
+                )
             log.info("champion v%s was evaluated on other data; evaluating it on the candidate's", champ.version)
             champ_metrics = evaluate_version(client, name, champ.version, root, params)
     decision = decide(cand_metrics, champ_metrics, policy)

@@ -94,6 +94,18 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_CODE_VERSIONS: dict[Path, dict[str, str]] = {}
+
+
+def code_version(root: Path) -> dict[str, str]:
+    """The project's git commit and dirtiness as first seen by this process: the code a process
+    runs is the code it imported, so commits made while a flow runs must not relabel its later runs."""
+    key = Path(root).resolve()
+    if key not in _CODE_VERSIONS:
+        _CODE_VERSIONS[key] = {"git.commit": git_commit(key) or "none", "git.dirty": str(git_dirty(key)).lower()}
+    return dict(_CODE_VERSIONS[key])
+
+
 def lineage(params: Params, root: Path, manifest: dict[str, Any], data_md5: str | None) -> dict[str, str]:
     from peftflow.model import base_model_id
 
@@ -104,8 +116,7 @@ def lineage(params: Params, root: Path, manifest: dict[str, Any], data_md5: str 
         "peftflow.data_version": manifest["version"],
         "peftflow.data_source": manifest["source"],
         "dvc.data_md5": data_md5 or "none",
-        "git.commit": git_commit(root) or "none",
-        "git.dirty": str(git_dirty(root)).lower(),
+        **code_version(root),
     }
     for name in ("peftflow", *PACKAGES):
         try:
