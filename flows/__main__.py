@@ -30,7 +30,6 @@ def experiment(
 ) -> None:
     """prepare -> finetune -> evaluate -> register -> promote, per method."""
     from rich.console import Console
-    from rich.table import Table
 
     from flows.pipeline import experiment as flow
     from peftflow.cli import run_or_exit
@@ -41,8 +40,18 @@ def experiment(
     for name in method:
         run_or_exit(project.params, name)
     results = flow(methods=method, project=project)
+    console = Console()
+    console.print(results_table(results))
+    for r in results:
+        console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {'; '.join(r['reasons'])}")
+
+
+def results_table(results: list[dict]):
+    """The experiment's results: test metrics, cost and the promotion outcome, a row per method."""
+    from rich.table import Table
+
     table = Table(title="experiment (test split)", title_justify="left")
-    for col in ("method", "accuracy", "zero-shot", "loss", "trainable", "tokens/s", "version", "champion?"):
+    for col in ("method", "accuracy", "zero-shot", "loss", "trainable", "tok/s", "champion"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
         m = r["metrics"]
@@ -55,13 +64,9 @@ def experiment(
             f"{m['test_loss']:.4f}",
             f"{m.get('trainable_pct', 0):.2f}%",
             f"{m.get('tokens_per_s', 0):,.0f}",
-            r["version"],
-            "promoted" if r["promoted"] else "kept the old one",
+            "promoted" if r["promoted"] else "kept",
         )
-    console = Console()
-    console.print(table)
-    for r in results:
-        console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {'; '.join(r['reasons'])}")
+    return table
 
 
 @app.command()

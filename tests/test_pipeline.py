@@ -46,7 +46,7 @@ def _client(root) -> MlflowClient:
 
 
 def _aliases(client: MlflowClient) -> dict[str, str]:
-    return dict(client.get_registered_model(MODEL).aliases)
+    return {alias: str(v) for alias, v in client.get_registered_model(MODEL).aliases.items()}
 
 
 def test_experiment_flow_registers_promotes_and_logs_lineage(project, harness):
@@ -106,7 +106,7 @@ def test_promotion_keeps_the_champion_on_worse_and_tie(project, harness):
 def test_registered_champion_loads_ready_for_inference(project, harness):
     params = Project(root=project).params(None)
     model, tokenizer, model_params, version = registry.load(f"models:/{MODEL}@champion", project, params)
-    assert version.version == _aliases(_client(project))["champion"] and not model.training
+    assert str(version.version) == _aliases(_client(project))["champion"] and not model.training
     from peftflow.data import read_split
     from peftflow.evaluate import classify
 
@@ -191,4 +191,18 @@ def test_new_data_rescores_the_champion_before_comparing(project, harness):
     assert rescored["test_loss"] != client.get_run(champion.run_id).data.metrics["test_loss"]  # another test set
     assert f"vs {rescored['test_accuracy']:.4f}" in result["reasons"][0]
     assert f"test_loss {result['metrics']['test_loss']:.4f} vs {rescored['test_loss']:.4f}" in result["reasons"][1]
-    assert not result["promoted"] and _aliases(client)["champion"] == champion.version
+    assert not result["promoted"] and _aliases(client)["champion"] == str(champion.version)
+
+
+def test_experiment_command_line_prints_the_results(project, harness):
+    from typer.testing import CliRunner
+
+    from flows.__main__ import app
+
+    args = ["experiment", "-m", "lora", "--root", str(project), "-s", "train.max_steps=1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "experiment (test split)" in result.output and " kept │" in result.output
+    assert "keep the champion: test_accuracy" in result.output
+    bad = CliRunner().invoke(app, ["experiment", "-m", "nope", "--root", str(project)])
+    assert bad.exit_code == 2 and "no params file for method 'nope'" in bad.output

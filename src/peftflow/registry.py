@@ -73,7 +73,7 @@ def register(client: MlflowClient, run_id: str, name: str) -> str:
         client.delete_model_version(name, version.version)  # no version left without its alias step done
         raise
     log.info("registered %s version %s (run %s) as %s", name, version.version, run_id, CANDIDATE)
-    return version.version
+    return str(version.version)
 
 
 def _download(client: MlflowClient, version, dst: Path) -> None:
