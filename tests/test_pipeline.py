@@ -202,7 +202,8 @@ def test_experiment_command_line_prints_the_results(project, harness):
     args = ["experiment", "-m", "lora", "--root", str(project), "-s", "train.max_steps=1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "experiment (test split)" in result.output and " kept │" in result.output
-    assert "keep the champion: test_accuracy" in result.output
+    out = result.output
+    assert "experiment (test split)" in out and ("│     kept │" in out or "│ promoted │" in out), out[-1500:]
+    assert "lora (run " in out and "test_accuracy" in out
     bad = CliRunner().invoke(app, ["experiment", "-m", "nope", "--root", str(project)])
     assert bad.exit_code == 2 and "no params file for method 'nope'" in bad.output
