@@ -216,7 +216,9 @@ def merge(
 
 def _project_params(params_dir: Path, overrides: list[str] | None):
     """Params for commands that use no method (tracking store, promotion policy)."""
-    return _params(None, params_dir, [o for o in overrides or [] if not o.startswith("method.")])
+    from peftflow.config import without_method
+
+    return _params(None, params_dir, run_or_exit(without_method, overrides or []))
 
 
 @app.command()

@@ -312,6 +312,19 @@ def load_params(
     return validate(merged, prov)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def without_method(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides that apply to steps that use no method (method.* ones do not)."""
+    return [o for o in overrides if parse_override(o)[0][0] != "method"]
+
+
 def save_params(params: Params, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))

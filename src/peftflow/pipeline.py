@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from peftflow import data, registry, tracking, versioning
-from peftflow.config import Params, ParamsError, load_params, parse_override
+from peftflow.config import Params, ParamsError, load_params, parse_override, without_method
 from peftflow.promote import Decision
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Project(BaseModel):
 
     def params(self, method: str | None) -> Params:
         """Resolved params; for steps without a method, method.* overrides do not apply."""
-        overrides = self.overrides if method else [o for o in self.overrides if parse_override(o)[0][0] != "method"]
+        overrides = self.overrides if method else without_method(self.overrides)
         return load_params(method, self.root / self.params_dir, overrides)
 
 

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from peftflow import data
-from peftflow.config import Params, read_resolved, save_params
+from peftflow.config import Params, flatten, read_resolved, save_params
 from peftflow.versioning import git_commit, git_dirty
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,6 @@ def connect(params: Params, root: Path) -> tuple[MlflowClient, str]:
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 _CODE_VERSIONS: dict[Path, dict[str, str]] = {}

@@ -33,7 +33,7 @@ from transformers import get_scheduler, set_seed
 
 from peftflow import artifacts, data
 from peftflow.atomic import atomic_dir
-from peftflow.config import Params, save_params
+from peftflow.config import Params, flatten, save_params
 from peftflow.evaluate import heldout_loss
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
@@ -186,17 +186,9 @@ _NOT_TRAJECTORY = {
 }
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def trajectory_params(params: Params) -> dict[str, Any]:
     """The flattened params that determine the training trajectory (what resume must match)."""
-    flat = _flatten(params.to_dict())
+    flat = flatten(params.to_dict())
     return {k: v for k, v in flat.items() if k not in _NOT_TRAJECTORY and k.split(".")[0] not in _NOT_TRAJECTORY}
 
 
