@@ -102,11 +102,16 @@ def label_scores(
     return scores
 
 
-def label_accuracy(model, tokenizer, examples: list[dict], labels: list[str], params: Params, device) -> dict:
-    """Accuracy of picking the most likely answer among ``labels``, overall and per true label."""
+def _encode_for_labels(tokenizer, examples: list[dict], labels: list[str], params: Params):
+    """(prompt ids cut to leave room for the longest answer, answer ids per label)."""
     label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
     room = params.data.max_length - max(len(ids) for ids in label_ids)
-    prompts = [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples]
+    return [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples], label_ids
+
+
+def label_accuracy(model, tokenizer, examples: list[dict], labels: list[str], params: Params, device) -> dict:
+    """Accuracy of picking the most likely answer among ``labels``, overall and per true label."""
+    prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
     scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device)
     return _accuracy(scores, gold, labels)
@@ -227,9 +232,7 @@ def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[st
     rows = [{params.data.columns.text: t, params.data.columns.label: next(iter(params.data.labels))} for t in texts]
     examples = data.to_examples(rows, params.data, "input")
     device = next(model.parameters()).device
-    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
-    room = params.data.max_length - max(len(ids) for ids in label_ids)
-    prompts = [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples]
+    prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     probs = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device).softmax(-1)
     return [
         {"text": t, "label": labels[int(p.argmax())], "probability": float(p.max())}

@@ -89,13 +89,9 @@ def _download(client: MlflowClient, version, dst: Path) -> None:
 
 def evaluate_version(client: MlflowClient, name: str, version: str, root: Path, params: Params) -> dict[str, float]:
     """Score a registered version on the test split in ``params`` (the candidate's data)."""
-    from peftflow.evaluate import evaluate_run
-
     with tempfile.TemporaryDirectory(prefix="peftflow-version-") as tmp:
         _download(client, client.get_model_version(name, version), Path(tmp) / "model")
-        version_params = read_resolved(Path(tmp) / "model" / "params.yaml").rebased(root)
-        version_params.data.out_dir = params.rebased(root).data.out_dir
-        return tracking.metrics_to_log(evaluate_run(Path(tmp), version_params))
+        return tracking.metrics_to_log(tracking.score_artifact(Path(tmp), root, params))
 
 
 def promote(client: MlflowClient, root: Path, params: Params) -> Decision:

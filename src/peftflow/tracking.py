@@ -46,6 +46,17 @@ LINEAGE_KEYS = (
     "peftflow.version",
     *(f"pkg.{p}" for p in PACKAGES),
 )
+# what training logs once it ends (metrics.json repeats them; evaluation does not log them again)
+TRAIN_METRICS = (
+    "final_train_loss",
+    "artifact_bytes",
+    "peak_memory_bytes",
+    "trainable_params",
+    "total_params",
+    "trainable_pct",
+    "tokens_per_s",
+    "train_seconds",
+)
 # the metrics reproduce checks (efficiency figures vary with the machine's load)
 QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
 
@@ -175,15 +186,8 @@ def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, s
             _log_metrics(client, run_id, metrics, step)
 
         summary = train(local, resume=False, callbacks=(to_mlflow,))
-        final = {
-            "final_train_loss": summary["final_train_loss"],
-            "peak_memory_bytes": summary["peak_memory_bytes"],
-            "artifact_bytes": summary.get("artifact_bytes", 0),
-            **{
-                k: summary[k]
-                for k in ("trainable_params", "total_params", "trainable_pct", "tokens_per_s", "train_seconds")
-            },
-        }
+        final = {"final_train_loss": summary["final_train_loss"], "artifact_bytes": summary.get("artifact_bytes", 0)}
+        final.update({k: summary[k] for k in TRAIN_METRICS if k not in final})
         _log_metrics(client, run_id, final, summary["steps"])
         with tempfile.TemporaryDirectory() as tmp:  # paths as the user wrote them, not this machine's
             save_params(params, Path(tmp) / "params.yaml")
@@ -220,20 +224,27 @@ def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def score_artifact(run_dir: Path, root: Path, params: Params) -> dict[str, Any]:
+    """Evaluate a downloaded ``run_dir/model`` (with its params.yaml) on the test split of ``params``'s
+    data folder; writes and returns metrics.json."""
+    from peftflow.evaluate import evaluate_run
+
+    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
+    artifact_params.data.out_dir = params.rebased(root).data.out_dir
+    return evaluate_run(run_dir, artifact_params)
+
+
 def evaluate(run_id: str, root: Path, params: Params) -> dict[str, Any]:
     """Score the run's logged artifact on the test split; log the metrics to the run. Returns metrics.json.
 
     ``params`` gives the tracking store and, when the run's data is elsewhere, the data folder.
     """
-    from peftflow.evaluate import evaluate_run
-
     client, _ = connect(params, root)
     with downloaded(client, run_id) as run_dir:
-        run_params = read_resolved(run_dir / "model" / "params.yaml").rebased(root)
-        run_params.data.out_dir = params.rebased(root).data.out_dir
         with _running(client, run_id):
-            result = evaluate_run(run_dir, run_params)
-            _log_metrics(client, run_id, metrics_to_log(result))
+            result = score_artifact(run_dir, root, params)
+            scored = {k: v for k, v in metrics_to_log(result).items() if k not in TRAIN_METRICS}  # logged already
+            _log_metrics(client, run_id, scored)
             client.log_artifact(run_id, str(run_dir / "metrics.json"))
             client.set_tag(run_id, "peftflow.evaluated", "true")
     return result
