@@ -103,6 +103,9 @@ class TrackingParams(Strict):
     experiment: str = "peftflow"
     # where a new experiment keeps artifacts, for the default SQLite store (a folder in the project)
     artifact_dir: Path = Path("mlartifacts")
+    # the MLflow UI that serves this store, for links from Prefect artifacts; None: the tracking URI
+    # itself when it is http(s), else `mlflow ui`'s default address
+    ui_url: str | None = None
 
 
 class Guard(Strict):
@@ -118,6 +121,31 @@ class PromoteParams(Strict):
     guards: dict[str, Guard] = {"test_loss": Guard(higher_is_better=False, tolerance=0.0)}
 
 
+class NightlyParams(Strict):
+    """The `nightly-retrain` deployment: what it retrains and when (a cron in a time zone)."""
+
+    methods: list[str] = Field(["lora"], min_length=1)
+    cron: str = "0 2 * * *"  # minute hour day-of-month month day-of-week
+    timezone: str = "UTC"  # an IANA name, e.g. Europe/Berlin; the cron is read in this zone
+
+    @model_validator(mode="after")
+    def _valid(self) -> NightlyParams:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"cron {self.cron!r}: expected 5 fields (minute hour day month weekday)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"timezone {self.timezone!r}: not an IANA time zone name (e.g. UTC, Europe/Berlin)"
+            ) from None
+        unknown = sorted(set(self.methods) - set(method_names()))
+        if unknown:
+            raise ValueError(f"methods {unknown}: unknown; known: {', '.join(method_names())}")
+        return self
+
+
 class Params(Strict):
     seed: int = 42
     model: ModelParams = ModelParams()
@@ -126,6 +154,7 @@ class Params(Strict):
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
     promote: PromoteParams = PromoteParams()
+    nightly: NightlyParams = NightlyParams()
     # None only for stages that use no method (data preparation)
     method: SerializeAsAny[MethodParams] | None = None
 

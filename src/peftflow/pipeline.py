@@ -14,6 +14,7 @@ intent (nightly retraining must retrain), logged with the DVC hash of the data i
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,40 +62,75 @@ def check_overrides(overrides: list[str]) -> None:
             )
 
 
-def prepare_data(project: Project) -> DataVersion:
-    """``dvc repro`` the base model (embedded only) and prepared data, push them; the data version."""
+def prepare_data(project: Project, version: str | None = None) -> DataVersion:
+    """The data to train on, pushed to the DVC remote: with ``version`` None, the workspace's
+    (``dvc repro`` of the base model (embedded only) and prepared data); else that earlier data
+    version (its DVC hash, or the data version a logged run names), restored from the DVC cache or
+    remote into ``<train.output_dir>/data/<hash>``."""
     check_overrides(project.overrides)
     params = project.params(None)
     targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["prepare"]
     ran = versioning.repro(project.root, targets)
     log.info("dvc repro %s: %s", " ".join(targets), f"ran {', '.join(ran)}" if ran else "all up to date")
     versioning.push(project.root, ["prepare"])
-    manifest = data.read_manifest(params.rebased(project.root).data.out_dir)
+    out_dir, md5 = params.data.out_dir, versioning.out_hash(project.root, str(params.data.out_dir))
+    if version and version not in (md5, data.read_manifest(project.root / out_dir)["version"]):
+        md5 = _dvc_hash_of(project, version)
+        out_dir = params.train.output_dir / "data" / md5.removesuffix(".dir")
+        if not (project.root / out_dir / "manifest.json").is_file():
+            log.info("restoring data version %s into %s", md5, out_dir)
+            versioning.restore(project.root, md5, project.root / out_dir)
+    manifest = data.read_manifest(project.root / out_dir)
     return DataVersion(
         version=manifest["version"],
-        dvc_md5=versioning.out_hash(project.root, str(params.data.out_dir)),
-        out_dir=params.data.out_dir,
+        dvc_md5=md5,
+        out_dir=out_dir,
         rows={k: v["rows"] for k, v in manifest["files"].items()},
         stages_run=ran,
     )
 
 
-def finetune(project: Project, method: str, data_version: DataVersion) -> str:
-    """Train one method on the prepared data in a new MLflow run; the run id."""
+def _dvc_hash_of(project: Project, version: str) -> str:
+    """A DVC hash as given, or the one recorded by a logged run with that data version."""
+    if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", version):
+        return version if version.endswith(".dir") else f"{version}.dir"
+    client, experiment_id = tracking.connect(project.params(None), project.root)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`peftflow.data_version` = '{version}'", max_results=1
+    )
+    md5 = runs[0].data.tags.get("dvc.data_md5", "none") if runs else "none"
+    if md5 == "none":
+        raise data.DataError(
+            f"data version {version!r}: no logged run names it with a DVC hash; give the DVC hash "
+            f"(dvc.data_md5 on a run, or the prepare stage's md5 in a dvc.lock)"
+        )
+    return md5
+
+
+def with_data(params: Params, data_version: DataVersion | None) -> Params:
+    """``params`` reading the data of ``data_version`` (None: the workspace's prepared data)."""
+    if data_version is not None:
+        params.data.out_dir = data_version.out_dir
+    return params
+
+
+def finetune(project: Project, method: str, data_version: DataVersion, tags: dict[str, str] | None = None) -> str:
+    """Train one method on ``data_version`` in a new MLflow run (with extra ``tags``); the run id."""
     check_overrides(project.overrides)
-    params = project.params(method)
+    params = with_data(project.params(method), data_version)
     found = data.read_manifest(params.rebased(project.root).data.out_dir)["version"]
     if found != data_version.version:
         raise data.DataError(
             f"{params.data.out_dir}: holds data version {found}, expected {data_version.version}; "
             f"prepare the data again (dvc repro prepare)"
         )
-    return tracking.finetune(params, project.root, data_version.dvc_md5)
+    return tracking.finetune(params, project.root, data_version.dvc_md5, tags)
 
 
-def evaluate(project: Project, run_id: str) -> dict[str, float]:
-    """Test metrics of a run (and the base model's zero-shot figures), logged to the run."""
-    result = tracking.evaluate(run_id, project.root, project.params(None))
+def evaluate(project: Project, run_id: str, data_version: DataVersion | None = None) -> dict[str, float]:
+    """Test metrics of a run (and the base model's zero-shot figures) on the test split of
+    ``data_version`` (None: the workspace's), logged to the run."""
+    result = tracking.evaluate(run_id, project.root, with_data(project.params(None), data_version))
     return tracking.metrics_to_log(result)
 
 
@@ -105,8 +141,9 @@ def register(project: Project, run_id: str) -> str:
     return registry.register(client, run_id, params.promote.model_name)
 
 
-def promote(project: Project) -> Decision:
-    """Move alias ``champion`` to ``candidate`` if the promotion policy says it is better."""
-    params = project.params(None)
+def promote(project: Project, data_version: DataVersion | None = None) -> Decision:
+    """Move alias ``champion`` to ``candidate`` if the promotion policy says it is better (a
+    champion from other data is re-scored on ``data_version``'s test split)."""
+    params = with_data(project.params(None), data_version)
     client, _ = tracking.connect(params, project.root)
     return registry.promote(client, project.root, params)

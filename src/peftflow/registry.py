@@ -44,6 +44,23 @@ def _version_by_alias(client: MlflowClient, name: str, alias: str):
     return client.get_model_version(name, model.aliases[alias])
 
 
+def aliased(client: MlflowClient, name: str, alias: str) -> dict[str, Any] | None:
+    """What an alias points at, for reports: version, run id, method and the run's metrics; None
+    if the model is not registered yet or lacks the alias."""
+    try:
+        version = _version_by_alias(client, name, alias)
+    except tracking.TrackingError:
+        return None
+    if version is None:
+        return None
+    return {
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "method": version.tags.get("peftflow.method", "?"),
+        "metrics": tracking.run_metrics(client, version.run_id),
+    }
+
+
 def register(client: MlflowClient, run_id: str, name: str) -> str:
     """Register the run's ``model/`` artifact as a new version of ``name``; point ``candidate`` at it."""
     try:

@@ -98,6 +98,16 @@ def connect(params: Params, root: Path) -> tuple[MlflowClient, str]:
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def run_url(params: Params, root: Path, run_id: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows a run: ``tracking.ui_url``, else $PEFTFLOW_MLFLOW_UI_URL (set by
+    ``peftflow serve`` for its flow runs), else the tracking URI if it is a server, else the address
+    ``mlflow ui`` listens on by default."""
+    uri = tracking_uri(params, root)
+    base = params.tracking.ui_url or os.environ.get("PEFTFLOW_MLFLOW_UI_URL")
+    base = base or (uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 _CODE_VERSIONS: dict[Path, dict[str, str]] = {}
 
 
