@@ -27,6 +27,9 @@ def experiment(
     method: Annotated[list[str], typer.Option("--method", "-m", help="Method(s), trained in order.")],
     root: Root = Path("."),
     overrides: Overrides = None,
+    data_version: Annotated[
+        str | None, typer.Option(help="Train on this earlier data: a DVC hash, or a data version a run names.")
+    ] = None,
 ) -> None:
     """prepare -> finetune -> evaluate -> register -> promote, per method."""
     from rich.console import Console
@@ -39,7 +42,7 @@ def experiment(
     run_or_exit(check_overrides, project.overrides)  # bad input: one line, before any flow run starts
     for name in method:
         run_or_exit(project.params, name)
-    results = flow(methods=method, project=project)
+    results = flow(methods=method, project=project, data_version=data_version)
     console = Console()
     console.print(results_table(results))
     for r in results:
@@ -81,6 +84,61 @@ def reproduce(
     typer.echo(
         json.dumps(flow(run_id=run_id, allow_code_change=allow_code_change, project=Project(root=root)), indent=2)
     )
+
+
+@app.command()
+def nightly(
+    method: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="Default: params' nightly.methods.")
+    ] = None,
+    root: Root = Path("."),
+    overrides: Overrides = None,
+) -> None:
+    """One nightly-retrain run now: skipped if data and params are unchanged since the last one."""
+    from rich.console import Console
+
+    from flows.pipeline import nightly_retrain
+    from peftflow.cli import run_or_exit
+    from peftflow.pipeline import check_overrides
+
+    project = Project(root=root, overrides=overrides or [])
+    run_or_exit(check_overrides, project.overrides)
+    for name in method or []:
+        run_or_exit(project.params, name)
+    outcome = nightly_retrain(methods=method or None, project=project)
+    console = Console()
+    console.print(outcome["reason"])
+    if outcome["results"]:
+        console.print(results_table(outcome["results"]))
+
+
+@app.command()
+def serve(
+    root: Root = Path("."),
+    overrides: Overrides = None,
+    port: Annotated[int, typer.Option(help="Port of the Prefect server (UI and API) on 127.0.0.1.")] = 4200,
+    api_url: Annotated[
+        str | None, typer.Option(help="Serve against this Prefect API instead of starting a server.")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="The server's database, e.g. postgresql+asyncpg://user:pass@host/prefect (default SQLite)."),
+    ] = None,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1 (0: do not start it).")] = 5000,
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs at a time (more queue).")] = 1,
+) -> None:
+    """Prefect server + MLflow UI on 127.0.0.1, and the deployments experiment, compare and
+    nightly-retrain served until Ctrl-C."""
+    from flows.serve import ServeError
+    from flows.serve import serve as start
+    from peftflow.cli import run_or_exit
+
+    project = Project(root=root, overrides=overrides or [])
+    try:
+        run_or_exit(start, project, port, api_url, database_url, mlflow_port, limit)
+    except ServeError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -4,17 +4,22 @@ the versions; a cached task result would hide a changed dataset or a moved alias
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from typing import Any
 
-from peftflow import pipeline
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
+
+from peftflow import nightly, pipeline, registry, report, tracking
 from peftflow import reproduce as reproduce_core
 from peftflow.pipeline import DataVersion, Project
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)  # dvc repro is idempotent
-def prepare_data(project: Project) -> DataVersion:
-    version = pipeline.prepare_data(project)
+def prepare_data(project: Project, version: str | None = None) -> DataVersion:
+    version = pipeline.prepare_data(project, version)
     ran = ", ".join(version.stages_run) or "nothing (DVC had it all)"
     get_run_logger().info("data version %s (DVC %s), %s; ran %s", version.version, version.dvc_md5, version.rows, ran)
     return version
@@ -22,14 +27,14 @@ def prepare_data(project: Project) -> DataVersion:
 
 @task(name="finetune", cache_policy=NO_CACHE, task_run_name="finetune-{method}")
 def finetune(project: Project, method: str, data_version: DataVersion) -> str:
-    run_id = pipeline.finetune(project, method, data_version)
+    run_id = pipeline.finetune(project, method, data_version, _prefect_tags())
     get_run_logger().info("%s trained: MLflow run %s", method, run_id)
     return run_id
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, retries=1)  # re-scoring the same artifact is idempotent
-def evaluate(project: Project, run_id: str) -> dict[str, float]:
-    metrics = pipeline.evaluate(project, run_id)
+def evaluate(project: Project, run_id: str, data_version: DataVersion | None = None) -> dict[str, float]:
+    metrics = pipeline.evaluate(project, run_id, data_version)
     shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("test_", "zeroshot_test_acc"))}
     get_run_logger().info("run %s: %s", run_id, shown)
     return metrics
@@ -43,8 +48,8 @@ def register(project: Project, run_id: str) -> str:
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(project: Project) -> dict:
-    decision = pipeline.promote(project)
+def promote(project: Project, data_version: DataVersion | None = None) -> dict:
+    decision = pipeline.promote(project, data_version)
     get_run_logger().info("%s", decision)
     return {"promoted": decision.promote, "reasons": decision.reasons}
 
@@ -54,3 +59,56 @@ def reproduce(project: Project, run_id: str, allow_code_change: bool = False) ->
     result = reproduce_core.reproduce(run_id, project.root, project.params(None), allow_code_change)
     get_run_logger().info("run %s reproduced as %s; drift %s", run_id, result["run_id"], result["drift"])
     return {k: result[k] for k in ("original", "run_id", "drift")}
+
+
+def _prefect_tags() -> dict[str, str]:
+    """The flow run a user started (the root of this run's tree), for the MLflow run: its id and UI page."""
+    root = flow_run.root_flow_run_id
+    if not root:
+        return {}
+    ui = PREFECT_UI_URL.value()
+    return {"prefect.flow_run_id": root, **({"prefect.flow_run_url": f"{ui}/runs/flow-run/{root}"} if ui else {})}
+
+
+@task(name="champion", cache_policy=NO_CACHE)
+def champion(project: Project) -> dict[str, Any] | None:
+    """The current champion (version, run, method, metrics), or None."""
+    params = project.params(None)
+    client, _ = tracking.connect(params, project.root)
+    return registry.aliased(client, params.promote.model_name, registry.CHAMPION)
+
+
+@task(name="nightly-check", cache_policy=NO_CACHE)
+def nightly_check(project: Project, methods: list[str] | None, data_version: DataVersion) -> nightly.Check:
+    check = nightly.check(project, methods, data_version)
+    get_run_logger().info("%s", check.reason)
+    return check
+
+
+@task(name="nightly-mark", cache_policy=NO_CACHE)
+def nightly_mark(project: Project, run_ids: list[str], check: nightly.Check) -> None:
+    nightly.mark(project, run_ids, check)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish(
+    project: Project,
+    key: str,
+    headline: str,
+    data_version: DataVersion,
+    results: list[dict[str, Any]],
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> None:
+    """The run's summary as Prefect artifacts (under the flow run, and ``key`` keeps their history):
+    Markdown (what happened and why, champion before and after, MLflow links), and a results table."""
+    text = report.markdown(project, key, headline, data_version, results, before, after)
+    create_markdown_artifact(text, key=f"{key}-summary", description=headline[:200])
+    if results:
+        create_table_artifact(report.rows(project, results), key=f"{key}-results", description="test split")
+
+
+@task(name="publish-leaderboard", cache_policy=NO_CACHE)
+def publish_leaderboard(project: Project, results: list[dict[str, Any]]) -> None:
+    """The methods ranked by the promotion metric, as a table artifact (key ``leaderboard``)."""
+    create_table_artifact(report.leaderboard(project, results), key="leaderboard", description="best first")

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from peftflow import pipeline, registry, tracking, versioning
+from peftflow import data, nightly, pipeline, registry, tracking, versioning
 from peftflow.config import ParamsError
 from peftflow.pipeline import Project
 from peftflow.reproduce import reproduce
@@ -192,6 +192,67 @@ def test_new_data_rescores_the_champion_before_comparing(project, harness):
     assert f"vs {rescored['test_accuracy']:.4f}" in result["reasons"][0]
     assert f"test_loss {result['metrics']['test_loss']:.4f} vs {rescored['test_loss']:.4f}" in result["reasons"][1]
     assert not result["promoted"] and _aliases(client)["champion"] == str(champion.version)
+
+
+def test_experiment_on_an_earlier_data_version(project, harness):
+    """The UI form's data_version: train on older data (named by its data version), restored by DVC hash."""
+    from flows.pipeline import experiment
+
+    client = _client(project)
+    first = client.get_model_version(MODEL, "1").tags  # made before the data changed
+    workspace = pipeline.prepare_data(Project(root=project))
+    assert workspace.version != first["peftflow.data_version"]
+
+    result = experiment(
+        methods=["lora"],
+        project=Project(root=project, overrides=["train.max_steps=1"]),
+        data_version=first["peftflow.data_version"],
+    )[0]
+    tags = client.get_run(result["run_id"]).data.tags
+    assert tags["peftflow.data_version"] == first["peftflow.data_version"]
+    assert tags["dvc.data_md5"] == first["dvc.data_md5"]
+    restored = project / "runs" / "data" / first["dvc.data_md5"].removesuffix(".dir") / "manifest.json"
+    assert json.loads(restored.read_text())["version"] == first["peftflow.data_version"]
+    assert pipeline.prepare_data(Project(root=project)).version == workspace.version  # workspace untouched
+
+    with pytest.raises(data.DataError, match="data version 'feedbeef0000': no logged run names it"):
+        pipeline.prepare_data(Project(root=project), "feedbeef0000")
+
+
+def test_nightly_check_skips_only_when_nothing_that_trains_changed(project, harness):
+    base = Project(root=project)
+    version = pipeline.prepare_data(base)
+    first = nightly.check(base, None, version)  # None: params' nightly.methods
+    assert first.methods == ["lora"] and not first.skip and first.reason == "no earlier nightly run: training"
+    run_id = pipeline.finetune(Project(root=project), "lora", version)
+    nightly.mark(base, [run_id], first)
+
+    same = nightly.check(base, ["lora"], version)
+    assert same.skip and f"unchanged since nightly run {run_id}" in same.reason
+    where = nightly.check(Project(root=project, overrides=["tracking.ui_url=http://mlflow:5000"]), ["lora"], version)
+    assert where.skip, "where runs are logged is not what they train"
+    lr = nightly.check(Project(root=project, overrides=["train.lr=1.0e-3"]), ["lora"], version)
+    assert not lr.skip and "params changed" in lr.reason and "lora: train.lr 0.005 -> 0.001" in lr.reason
+    more = nightly.check(base, ["lora", "ia3"], version)
+    assert not more.skip and "ia3 added" in more.reason
+    with pytest.raises(ParamsError, match="nope"):
+        nightly.check(base, ["nope"], version)
+
+
+def test_compare_flow_publishes_a_leaderboard_best_first(project, harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.pipeline import compare
+
+    results = compare(methods=["ia3", "lora"], project=Project(root=project, overrides=["train.max_steps=4"]))
+    assert [r["method"] for r in results] == ["ia3", "lora"]  # trained in the order given
+    with get_client(sync_client=True) as client:
+        (board,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["leaderboard"])))
+    rows = json.loads(board.data) if isinstance(board.data, str) else board.data
+    accuracy = {r["method"]: r["metrics"]["test_accuracy"] for r in results}
+    assert [row["method"] for row in rows] == sorted(accuracy, key=accuracy.get, reverse=True)
+    assert [row["rank"] for row in rows] == [1, 2] and all("/#/experiments/" in row["mlflow_run"] for row in rows)
 
 
 def test_experiment_command_line_prints_the_results(project, harness):

@@ -285,6 +285,17 @@ def show_params(
     console.print_json(json.dumps(_params(method, params_dir, overrides).to_dict()))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def serve(ctx: typer.Context) -> None:
+    """Prefect server + MLflow UI on 127.0.0.1 and the deployments (experiment, compare,
+    nightly-retrain); options: `peftflow serve --help`."""
+    from flows.__main__ import app as flows_app  # the Prefect shell; the core never imports Prefect
+
+    flows_app(["serve", *ctx.args], prog_name="peftflow")
+
+
 def main() -> None:  # console-script entry point
     sys.exit(app())
 

@@ -1,0 +1,181 @@
+"""``peftflow serve``: a Prefect server and the MLflow UI on 127.0.0.1, and the deployments served.
+
+Deployments are served by this long-running process (``prefect.serve``), not a work pool and a
+worker: one command, nothing to create first, and flow runs start as subprocesses of this process,
+in this environment, beside the models and data. Runs from the UI, the REST API or a schedule
+queue up to ``--limit`` at a time (default 1: one machine, one training at a time). For a team,
+run the server elsewhere (``prefect server start`` with a PostgreSQL database) and start
+``peftflow serve --api-url http://HOST:4200/api`` on the machine that trains.
+
+Stopping ``serve`` (Ctrl-C) pauses the deployments, so scheduled runs do not pile up as late;
+the next ``serve`` resumes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from peftflow import tracking
+from peftflow.pipeline import Project
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServeError(RuntimeError):
+    """A server did not start; one line saying which and where its log is."""
+
+
+def deployments(project: Project) -> list:
+    """``experiment``, ``compare`` and ``nightly-retrain``, each defaulting to ``project``."""
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline import compare, experiment, nightly_retrain
+
+    nightly = project.params(None).nightly
+    defaults = {"project": project.model_dump(mode="json")}
+    # entrypoint by module (flows is installed): the same from any working directory
+    common = {"parameters": defaults, "tags": ["peftflow"], "entrypoint_type": EntrypointType.MODULE_PATH}
+    return [
+        experiment.to_deployment(name="experiment", **common),
+        compare.to_deployment(name="compare", **common),
+        nightly_retrain.to_deployment(
+            name="nightly-retrain",
+            **common,
+            schedules=[Cron(nightly.cron, timezone=nightly.timezone)],
+            description=f"{', '.join(nightly.methods)} at `{nightly.cron}` ({nightly.timezone}); skipped when "
+            f"the DVC data version and params are unchanged since the last nightly run that finished",
+        ),
+    ]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((LOOPBACK, port)) != 0
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+            raise ServeError(f"{what} exited with code {proc.returncode} (log {log}): {tail[-400:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise ServeError(f"{what} did not answer {url} within {timeout:.0f} s (log {log})")
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], env: dict[str, str], log: Path, health: str, what: str) -> Iterator[None]:
+    """A server in its own process group, healthy on entry, stopped (the whole group) on exit."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(health, proc, log, what)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _exe(name: str) -> str:
+    """A console script of this environment (beside this Python), else from PATH."""
+    here = Path(sys.executable).with_name(name)
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+@contextlib.contextmanager
+def prefect_server(port: int, database_url: str | None, logs: Path) -> Iterator[str]:
+    """``prefect server start`` on 127.0.0.1:port (SQLite in PREFECT_HOME unless ``database_url``); the API URL."""
+    if not _port_free(port):
+        raise ServeError(
+            f"port {port} is taken: a Prefect server already running there? serve against it with "
+            f"--api-url http://{LOOPBACK}:{port}/api, or pick another --port"
+        )
+    api = f"http://{LOOPBACK}:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": LOOPBACK,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": api,  # else the UI's pages call port 4200 whatever --port says
+    }
+    if database_url:  # e.g. postgresql+asyncpg://user:pass@db:5432/prefect
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    cmd = [_exe("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
+    with _process(cmd, env, logs / "prefect-server.log", f"{api}/health", "the Prefect server"):
+        yield api
+
+
+@contextlib.contextmanager
+def mlflow_ui(project: Project, port: int, logs: Path) -> Iterator[str | None]:
+    """``mlflow ui`` on 127.0.0.1:port for a local store (a remote store has its own UI); its URL."""
+    uri = tracking.tracking_uri(project.params(None), project.root)
+    if port == 0 or uri.startswith(("http://", "https://")):
+        yield None
+        return
+    tracking.connect(project.params(None), project.root)  # creates the store and experiment if new
+    if not _port_free(port):
+        raise ServeError(f"port {port} is taken; pick another --mlflow-port (0: no MLflow UI)")
+    url = f"http://{LOOPBACK}:{port}"
+    cmd = [_exe("mlflow"), "server", "--backend-store-uri", uri, "--host", LOOPBACK, "--port", str(port)]
+    cmd += ["--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # GenAI job workers: not used here
+    with _process(cmd, env, logs / "mlflow-ui.log", f"{url}/health", "the MLflow UI"):
+        yield url
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(
+    project: Project,
+    port: int = 4200,
+    api_url: str | None = None,
+    database_url: str | None = None,
+    mlflow_port: int = 5000,
+    limit: int = 1,
+) -> None:
+    """Start what is missing (Prefect server unless ``api_url``, MLflow UI), then serve until stopped."""
+    from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: servers stopped too
+    project = project.model_copy(update={"root": project.root.resolve()})
+    project.params(None)  # bad params: the one-line error before anything starts
+    logs = project.root / project.params(None).train.output_dir / "serve"
+    with contextlib.ExitStack() as stack:
+        if api_url is None:
+            api_url = stack.enter_context(prefect_server(port, database_url, logs))
+        ui = stack.enter_context(mlflow_ui(project, mlflow_port, logs))
+        ui_url = api_url.removesuffix("/api")
+        print(f"Prefect UI: {ui_url}  (API {api_url})", flush=True)
+        print(f"MLflow UI:  {ui or 'not started (remote store, or --mlflow-port 0)'}", flush=True)
+        print(f"server logs: {logs}", flush=True)
+        settings = {PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}
+        with temporary_settings(updates=settings):
+            os.environ["PREFECT_API_URL"] = api_url  # the flow-run subprocesses read it from the environment
+            os.environ["PREFECT_UI_URL"] = ui_url
+            if ui:
+                os.environ["PEFTFLOW_MLFLOW_UI_URL"] = ui  # links in the runs' artifacts
+            prefect_serve(*deployments(project), limit=limit)
