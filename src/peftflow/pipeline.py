@@ -76,10 +76,7 @@ def prepare_data(project: Project, version: str | None = None) -> DataVersion:
     out_dir, md5 = params.data.out_dir, versioning.out_hash(project.root, str(params.data.out_dir))
     if version and version not in (md5, data.read_manifest(project.root / out_dir)["version"]):
         md5 = _dvc_hash_of(project, version)
-        out_dir = params.train.output_dir / "data" / md5.removesuffix(".dir")
-        if not (project.root / out_dir / "manifest.json").is_file():
-            log.info("restoring data version %s into %s", md5, out_dir)
-            versioning.restore(project.root, md5, project.root / out_dir)
+        out_dir = versioning.restored(project.root, md5, params.train.output_dir)
     manifest = data.read_manifest(project.root / out_dir)
     return DataVersion(
         version=manifest["version"],

@@ -9,7 +9,6 @@ and package versions, the loop is deterministic, so the quality metrics' drift i
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ from mlflow.exceptions import MlflowException
 
 from peftflow import data, tracking, versioning
 from peftflow.config import Params
-
-log = logging.getLogger(__name__)
 
 
 def reproduce(run_id: str, root: Path, params: Params, allow_code_change: bool = False) -> dict[str, Any]:
@@ -51,11 +48,7 @@ def reproduce(run_id: str, root: Path, params: Params, allow_code_change: bool =
     if have != want:
         if md5 == "none":
             raise versioning.VersioningError(f"run {run_id} has data version {want} but no DVC hash to restore it by")
-        target = root / run_params.train.output_dir / "reproduce" / run_id / "data"
-        if not (target / "manifest.json").is_file():
-            log.info("restoring data version %s (DVC %s) to %s", want, md5, target)
-            versioning.restore(root, md5, target)
-        run_params.data.out_dir = target.relative_to(root) if target.is_relative_to(root) else target
+        run_params.data.out_dir = versioning.restored(root, md5, run_params.train.output_dir)
     new_id = tracking.finetune(run_params, root, md5, tags={"peftflow.reproduces": run_id})
     tracking.evaluate(new_id, root, run_params)
     before, after = dict(original.data.metrics), tracking.run_metrics(client, new_id)

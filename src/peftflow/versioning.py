@@ -151,3 +151,13 @@ def restore(root: Path, md5: str, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(Path(tmp) / "data", dest)
     return dest
+
+
+def restored(root: Path, md5: str, under: Path) -> Path:
+    """The data with DVC hash ``md5`` in ``under/data/<hash>`` (relative to ``root``), restored by
+    :func:`restore` unless an earlier call left it there; the folder, relative to ``root``."""
+    rel = Path(under) / "data" / md5.removesuffix(".dir")
+    if not (Path(root) / rel / "manifest.json").is_file():
+        log.info("restoring data version %s into %s", md5, rel)
+        restore(root, md5, Path(root) / rel)
+    return rel
