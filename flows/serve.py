@@ -175,6 +175,8 @@ def serve(
         settings = {PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}
         with temporary_settings(updates=settings):
             os.environ["PREFECT_API_URL"] = api_url  # the flow-run subprocesses read it from the environment
+            # dvc stages call `peftflow`: this environment's, even when serve was started without activating it
+            os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
             os.environ["PREFECT_UI_URL"] = ui_url
             if ui:
                 os.environ["PEFTFLOW_MLFLOW_UI_URL"] = ui  # links in the runs' artifacts

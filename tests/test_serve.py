@@ -144,7 +144,8 @@ def served(tmp_path_factory, tiny_model_dir):
     port, mlflow_port = free_port(), free_port()
     env = {
         **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        # without this environment's bin: serve must find `peftflow` for the DVC stages itself
+        "PATH": os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if Path(d) != Path(BIN)),
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "HF_HUB_OFFLINE": "1",
