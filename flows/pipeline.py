@@ -3,12 +3,17 @@ Python, ``python -m flows`` or the Prefect UI (the pydantic parameters render as
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow
 
+from peftflow.methods import method_names
 from peftflow.pipeline import DataVersion, Project
 from tasks import pipeline as steps
 
 HERE = Project()  # the project in the working directory, with its params/
+# the registered methods: a pick list in the UI's form, checked by the server before a run starts
+Method = Literal[tuple(method_names())]
 DEFAULT_METHODS = ["lora"]
 COMPARE_METHODS = ["lora", "ia3"]
 
@@ -21,7 +26,7 @@ def prepare_data(project: Project = HERE, data_version: str | None = None) -> Da
 
 
 @flow(name="finetune")
-def finetune(method: str, data_version: DataVersion, project: Project = HERE) -> str:
+def finetune(method: Method, data_version: DataVersion, project: Project = HERE) -> str:
     """One method on one data version; returns the MLflow run id."""
     return steps.finetune(project, method, data_version)
 
@@ -44,7 +49,7 @@ def promote(project: Project = HERE, data_version: DataVersion | None = None) ->
     return steps.promote(project, data_version)
 
 
-def _each_method(methods: list[str], data: DataVersion, project: Project) -> list[dict]:
+def _each_method(methods: list[Method], data: DataVersion, project: Project) -> list[dict]:
     """finetune -> evaluate -> register -> promote, per method, in order."""
     results = []
     for method in methods:
@@ -58,7 +63,7 @@ def _each_method(methods: list[str], data: DataVersion, project: Project) -> lis
 
 @flow(name="experiment")
 def experiment(
-    methods: list[str] = DEFAULT_METHODS, project: Project = HERE, data_version: str | None = None
+    methods: list[Method] = DEFAULT_METHODS, project: Project = HERE, data_version: str | None = None
 ) -> list[dict]:
     """prepare_data -> (finetune -> evaluate -> register -> promote) for each method, in order.
 
@@ -77,7 +82,7 @@ def experiment(
 
 
 @flow(name="compare")
-def compare(methods: list[str] = COMPARE_METHODS, project: Project = HERE) -> list[dict]:
+def compare(methods: list[Method] = COMPARE_METHODS, project: Project = HERE) -> list[dict]:
     """Every listed method on the same data, one after another; a leaderboard artifact ranks them.
 
     Args:
@@ -90,7 +95,7 @@ def compare(methods: list[str] = COMPARE_METHODS, project: Project = HERE) -> li
 
 
 @flow(name="nightly-retrain")
-def nightly_retrain(methods: list[str] | None = None, project: Project = HERE) -> dict:
+def nightly_retrain(methods: list[Method] | None = None, project: Project = HERE) -> dict:
     """Retrain the configured methods (params: nightly.methods) unless data and params are unchanged
     since the last nightly run that finished; register, and promote if the policy says so.
 

@@ -221,6 +221,14 @@ def test_ui_run_of_experiment_registers_a_version_with_lineage(served):
     assert rows[0]["method"] == "lora" and rows[0]["version"] == str(version.version)
 
 
+def test_ui_form_rejects_an_unknown_method_before_a_run_starts(served):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        served.run_deployment("experiment", "experiment", {"methods": ["lorra"]})
+    body = err.value.read().decode()
+    # the answer names the bad value and the choices
+    assert err.value.code in (409, 422) and "lorra" in body and "lora" in body, body
+
+
 def _nightly_outcome(served: Served, flow_run_id: str) -> str:
     return served.artifacts(flow_run_id)["markdown"]["data"]
 
