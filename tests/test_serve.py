@@ -13,7 +13,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from mlflow import MlflowClient
@@ -41,12 +43,20 @@ class Served:
     pid: int  # of `peftflow serve`
 
     def call(self, method: str, path: str, body: dict | None = None):
+        """One REST call; a 503 (what the server answers for retryable errors, such as SQLite being
+        busy) is retried with backoff, as Prefect's own client does."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            f"{self.api}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or "null")
+        for attempt in range(6):
+            req = urllib.request.Request(
+                f"{self.api}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or "null")
+            except urllib.error.HTTPError as e:
+                if e.code != 503 or attempt == 5:
+                    raise
+                time.sleep(2**attempt)
 
     def deployment(self, flow: str, name: str) -> dict:
         return self.call("GET", f"/deployments/name/{flow}/{name}")
@@ -239,6 +249,19 @@ def test_nightly_schedule_skip_and_retrain_after_a_data_change(served):
     assert schedule["schedule"]["cron"] == "30 2 * * *"  # from the project's params
     assert schedule["schedule"]["timezone"] == "Europe/Berlin"
     assert schedule["active"] and not deployment["paused"]
+    # the server's scheduler has created the upcoming nightly runs: 02:30 in Berlin, every day
+    deadline, upcoming = time.monotonic() + 120, []
+    while not upcoming and time.monotonic() < deadline:
+        upcoming = served.call(
+            "POST",
+            "/flow_runs/filter",
+            {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}},
+        )
+        time.sleep(2)
+    assert upcoming, "the scheduler created no nightly runs (see runs/serve/prefect-server.log)"
+    berlin = [datetime.fromisoformat(r["expected_start_time"]).astimezone(ZoneInfo("Europe/Berlin")) for r in upcoming]
+    assert {(t.hour, t.minute) for t in berlin} == {(2, 30)}
+    assert len({t.date() for t in berlin}) == len(berlin) > 1  # one a day, several days ahead
 
     client = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}")
 
