@@ -102,10 +102,12 @@ def publish(
 ) -> None:
     """The run's summary as Prefect artifacts (under the flow run, and ``key`` keeps their history):
     Markdown (what happened and why, champion before and after, MLflow links), and a results table."""
-    text = report.markdown(project, key, headline, data_version, results, before, after)
+    table = report.rows(project, results) if results else []
+    links = {r["run_id"]: row["mlflow_run"] for r, row in zip(results, table, strict=True)}  # one MLflow lookup
+    text = report.markdown(project, key, headline, data_version, results, before, after, links)
     create_markdown_artifact(text, key=f"{key}-summary", description=headline[:200])
     if results:
-        create_table_artifact(report.rows(project, results), key=f"{key}-results", description="test split")
+        create_table_artifact(table, key=f"{key}-results", description="test split")
 
 
 @task(name="publish-leaderboard", cache_policy=NO_CACHE)

@@ -69,9 +69,10 @@ def markdown(
     results: list[dict[str, Any]],
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
+    links: dict[str, str] | None = None,
 ) -> str:
     """A summary: what happened and why, the data, each method's metrics and outcome, the champion
-    before and after."""
+    before and after. ``links``: MLflow run URLs by run id, if the caller has them already."""
     metric = project.params(None).promote.metric
     lines = [
         f"# {title}",
@@ -83,7 +84,7 @@ def markdown(
         f"- champion after: {_champion(after, metric)}",
     ]
     if results:
-        links = _links(project, results)
+        links = links or _links(project, results)
         board = [
             {
                 **r["metrics"],
