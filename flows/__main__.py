@@ -113,6 +113,45 @@ def nightly(
 
 
 @app.command()
+def rlhf(
+    root: Root = Path("."),
+    overrides: Overrides = None,
+    force: Annotated[list[str] | None, typer.Option("--force", help="Retrain this stage even if unchanged.")] = None,
+) -> None:
+    """SFT -> reward model -> PPO, and DPO: each stage an MLflow run and a registered version."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.rlhf import rlhf as flow
+    from peftflow.cli import run_or_exit
+    from peftflow.pipeline import check_overrides
+    from peftflow.rlhf.stages import STAGES, StageResult, load_stage, summary_rows
+
+    project = Project(root=root, overrides=overrides or [])
+    run_or_exit(check_overrides, project.overrides)
+    for stage in STAGES:  # bad input: one line, before any flow run starts
+        run_or_exit(load_stage, stage, root / project.params_dir, project.overrides)
+    unknown = sorted(set(force or []) - set(STAGES))
+    if unknown:
+        run_or_exit(
+            lambda: (_ for _ in ()).throw(
+                ValueError(f"--force {', '.join(unknown)}: unknown stage; stages: {', '.join(STAGES)}")
+            )
+        )
+    results = [StageResult(**r) for r in flow(project=project, force=force or [])]
+    rows = summary_rows(results)
+    table = Table(title="rlhf", title_justify="left")
+    columns = sorted(
+        {k for r in rows for k in r if k != "run"}, key=lambda k: (k not in ("stage", "version", "reused"), k)
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("stage", "version") else "right")
+    for r in rows:
+        table.add_row(*(str(r.get(c, "-")) for c in columns))
+    Console().print(table)
+
+
+@app.command()
 def serve(
     root: Root = Path("."),
     overrides: Overrides = None,

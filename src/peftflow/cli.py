@@ -296,6 +296,15 @@ def serve(ctx: typer.Context) -> None:
     flows_app(["serve", *ctx.args], prog_name="peftflow")
 
 
+def _add_rlhf() -> None:
+    from peftflow.rlhf.cli import rlhf_app
+
+    app.add_typer(rlhf_app, name="rlhf")
+
+
+_add_rlhf()
+
+
 def main() -> None:  # console-script entry point
     sys.exit(app())
 

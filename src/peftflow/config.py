@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from peftflow.methods import MethodParams, get_method, method_names
+from peftflow.rlhf.params import RlhfParams
 
 
 class ParamsError(ValueError):
@@ -157,6 +158,7 @@ class Params(Strict):
     nightly: NightlyParams = NightlyParams()
     # None only for stages that use no method (data preparation)
     method: SerializeAsAny[MethodParams] | None = None
+    rlhf: RlhfParams | None = None  # the RLHF chain's stages only (params/rlhf/)
 
     @model_validator(mode="after")
     def _known_method(self) -> Params:
@@ -171,7 +173,8 @@ class Params(Strict):
         return self.train.output_dir / (self.train.run_name or self.method.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # runs without the RLHF section record exactly what they recorded before it existed
+        return self.model_dump(mode="json", exclude={"rlhf"} if self.rlhf is None else set())
 
     def rebased(self, root: Path) -> Params:
         """A copy whose relative paths point under ``root`` (a project folder), not the cwd."""
@@ -188,10 +191,14 @@ class Params(Strict):
             value = getattr(obj, key)
             if not value.is_absolute():
                 setattr(obj, key, root / value)
-        for section, key in [("model", "name_or_path"), ("data", "source")]:
-            obj = getattr(out, section)
+        pairs = [(out.model, "name_or_path"), (out.data, "source")]
+        if out.rlhf is not None:
+            pairs += [(out.rlhf.data, "source"), (out.rlhf.data, "prompts")]
+            if not out.rlhf.data.out_dir.is_absolute():
+                out.rlhf.data.out_dir = root / out.rlhf.data.out_dir
+        for obj, key in pairs:
             value = getattr(obj, key)
-            if (root / value).exists() and not Path(value).is_absolute():
+            if value and (root / value).exists() and not Path(value).is_absolute():
                 setattr(obj, key, str(root / value))
         return out
 
@@ -264,6 +271,8 @@ def _expected_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if field is None:
             return []
         cls = field.annotation
+        # an optional section (X | None): its model's keys
+        cls = next((a for a in getattr(cls, "__args__", ()) if hasattr(a, "model_fields")), cls)
     return sorted(getattr(cls, "model_fields", {}))
 
 
@@ -328,13 +337,20 @@ def load_params(
             known = sorted(p.stem for p in (params_dir / "methods").glob("*.yaml"))
             raise ParamsError(f"{method_file}: no params file for method {method!r}; available: {', '.join(known)}")
         files.append(method_file)
+    if method is not None:
+        section = _read_yaml(files[-1]).get("method")
+        file_method = section.get("name") if isinstance(section, dict) else None
+        if file_method != method:
+            raise ParamsError(f"{files[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
+    return merge_files(files, overrides)
+
+
+def merge_files(files: list[Path], overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Deep-merge YAML ``files`` in order, then ``overrides``; validate (errors name the file)."""
     merged: dict[str, Any] = {}
     prov: dict[tuple, str] = {}
     for path in files:
         _merge(merged, _read_yaml(path), str(path), prov)
-    file_method = merged["method"].get("name") if isinstance(merged.get("method"), dict) else None
-    if method is not None and file_method != method:
-        raise ParamsError(f"{files[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
     for item in overrides:
         path, value = parse_override(item)
         _merge(merged, _nest(path, value), f"override {item!r}", prov)

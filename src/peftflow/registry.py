@@ -93,7 +93,7 @@ def register(client: MlflowClient, run_id: str, name: str) -> str:
     return str(version.version)
 
 
-def _download(client: MlflowClient, version, dst: Path) -> None:
+def download(client: MlflowClient, version, dst: Path) -> None:
     """The files of a version's source (its run's model/ artifact) into the folder ``dst``."""
     with tempfile.TemporaryDirectory(prefix="peftflow-download-") as tmp:
         got = mlflow.artifacts.download_artifacts(
@@ -107,7 +107,7 @@ def _download(client: MlflowClient, version, dst: Path) -> None:
 def evaluate_version(client: MlflowClient, name: str, version: str, root: Path, params: Params) -> dict[str, float]:
     """Score a registered version on the test split in ``params`` (the candidate's data)."""
     with tempfile.TemporaryDirectory(prefix="peftflow-version-") as tmp:
-        _download(client, client.get_model_version(name, version), Path(tmp) / "model")
+        download(client, client.get_model_version(name, version), Path(tmp) / "model")
         return tracking.metrics_to_log(tracking.score_artifact(Path(tmp), root, params))
 
 
@@ -148,6 +148,16 @@ def promote(client: MlflowClient, root: Path, params: Params) -> Decision:
     return decision
 
 
+def fetched(client: MlflowClient, version, root: Path, params: Params) -> Path:
+    """A local copy of a version's files, under ``<train.output_dir>/registry/``; downloaded once
+    (versions never change), atomically."""
+    dst = Path(root) / params.train.output_dir / "registry" / f"{version.name}-v{version.version}"
+    if not (dst / "peftflow.json").is_file():
+        with atomic_dir(dst) as tmp:
+            download(client, version, tmp)
+    return dst
+
+
 def resolve(client: MlflowClient, uri: str):
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the model version, with clear errors."""
     if not uri.startswith("models:/"):
@@ -175,10 +185,7 @@ def load(uri: str, root: Path, params: Params) -> tuple[Any, Any, Params, Any]:
 
     client, _ = tracking.connect(params, root)
     version = resolve(client, uri)
-    dst = Path(root) / params.train.output_dir / "registry" / f"{version.name}-v{version.version}"
-    if not (dst / "peftflow.json").is_file():  # a cache of the download: versions never change
-        with atomic_dir(dst) as tmp:
-            _download(client, version, tmp)
+    dst = fetched(client, version, root, params)
     model_params = read_resolved(dst / "params.yaml").rebased(root)
     model = artifacts.load(load_base_for(model_params), dst)
     return model.eval(), load_tokenizer(model_params.model), model_params, version

@@ -160,7 +160,7 @@ def _log_datasets(client: MlflowClient, run_id: str, params: Params, manifest: d
 
 
 @contextlib.contextmanager
-def _running(client: MlflowClient, run_id: str) -> Iterator[None]:
+def running(client: MlflowClient, run_id: str) -> Iterator[None]:
     """Mark the run RUNNING; FINISHED on success, FAILED (KILLED on Ctrl-C) if the block raises."""
     client.update_run(run_id, status="RUNNING")
     try:
@@ -184,7 +184,7 @@ def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, s
     manifest = data.read_manifest(local.data.out_dir)
     run_tags = {**lineage(params, root, manifest, data_md5), **(tags or {})}
     run_id = client.create_run(experiment_id, tags=run_tags, run_name=params.method.name).info.run_id
-    with _running(client, run_id):
+    with running(client, run_id):
         params = params.model_copy(update={"train": params.train.model_copy(update={"run_name": run_id})})
         local = local.model_copy(update={"train": local.train.model_copy(update={"run_name": run_id})})
         flat = [Param(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
@@ -193,12 +193,12 @@ def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, s
         _log_datasets(client, run_id, params, manifest, data_md5)
 
         def to_mlflow(metrics: dict[str, float], step: int) -> None:
-            _log_metrics(client, run_id, metrics, step)
+            log_metrics(client, run_id, metrics, step)
 
         summary = train(local, resume=False, callbacks=(to_mlflow,))
         final = {"final_train_loss": summary["final_train_loss"], "artifact_bytes": summary.get("artifact_bytes", 0)}
         final.update({k: summary[k] for k in TRAIN_METRICS if k not in final})
-        _log_metrics(client, run_id, final, summary["steps"])
+        log_metrics(client, run_id, final, summary["steps"])
         with tempfile.TemporaryDirectory() as tmp:  # paths as the user wrote them, not this machine's
             save_params(params, Path(tmp) / "params.yaml")
             client.log_artifact(run_id, str(Path(tmp) / "params.yaml"))
@@ -222,7 +222,7 @@ def downloaded(client: MlflowClient, run_id: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -251,10 +251,10 @@ def evaluate(run_id: str, root: Path, params: Params) -> dict[str, Any]:
     """
     client, _ = connect(params, root)
     with downloaded(client, run_id) as run_dir:
-        with _running(client, run_id):
+        with running(client, run_id):
             result = score_artifact(run_dir, root, params)
             scored = {k: v for k, v in metrics_to_log(result).items() if k not in TRAIN_METRICS}  # logged already
-            _log_metrics(client, run_id, scored)
+            log_metrics(client, run_id, scored)
             client.log_artifact(run_id, str(run_dir / "metrics.json"))
             client.set_tag(run_id, "peftflow.evaluated", "true")
     return result

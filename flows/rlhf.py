@@ -1,0 +1,33 @@
+"""The RLHF chain as a Prefect flow: data -> SFT -> reward model -> PPO, and DPO beside it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from peftflow.pipeline import Project
+from tasks import rlhf as steps
+
+HERE = Project()
+Stage = Literal["sft", "reward", "ppo", "dpo"]
+
+
+@flow(name="rlhf")
+def rlhf(project: Project = HERE, force: list[Stage] | None = None) -> list[dict]:
+    """SFT -> reward model -> PPO (and DPO), each an MLflow run and a registered version; a stage
+    whose params, data and input versions are unchanged reuses its registered version.
+
+    Args:
+        project: the project folder, params folder and overrides (KEY=VALUE, or STAGE:KEY=VALUE for one stage)
+        force: stages to retrain even if a matching version exists (e.g. after a code change)
+    """
+    force = force or []
+    data = steps.prepare_data(project)
+    sft = steps.run_stage(project, "sft", data, {}, "sft" in force)
+    reward = steps.run_stage(project, "reward", data, {}, "reward" in force)
+    ppo = steps.run_stage(project, "ppo", data, {"sft": sft, "reward": reward}, "ppo" in force)
+    dpo = steps.run_stage(project, "dpo", data, {"sft": sft, "reward": reward}, "dpo" in force)
+    results = [sft, reward, ppo, dpo]
+    steps.publish(data, results)
+    return [r.model_dump() for r in results]

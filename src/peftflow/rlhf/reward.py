@@ -1,0 +1,179 @@
+"""The reward model: the base causal LM with a PEFT method applied, plus a scalar head on the last
+token's hidden state, trained on preference pairs with the pairwise (Bradley-Terry) loss
+``-log sigmoid(r(chosen) - r(rejected))``.
+
+Written here rather than with trl's RewardTrainer: that trainer needs a sequence-classification
+model with a SEQ_CLS peft config, while every peftflow method adapts a causal LM through its one
+``apply``. A head on the causal LM's trunk keeps every method usable for the reward model, and the
+loop is the training core's (same sampler, optimizer and schedule), so it is seeded the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler, set_seed
+
+from peftflow import artifacts
+from peftflow.atomic import atomic_dir
+from peftflow.config import Params
+from peftflow.methods import get_method
+from peftflow.model import load_base_for, load_tokenizer
+from peftflow.rlhf.policy import ScalarHead
+from peftflow.tokens import left_pad
+from peftflow.train import Sampler, build_model, count_parameters, make_optimizer, peak_memory_bytes, reset_peak_memory
+
+log = logging.getLogger(__name__)
+HEAD_FILE = "score_head.safetensors"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ScalarHead(backbone.config.hidden_size)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) scores of a left-padded batch: the last column is every row's last token."""
+        out = self.backbone(**batch, logits_to_keep=1, output_hidden_states=True)
+        return self.head(out.hidden_states[-1][:, -1])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return [tokenizer.encode(t, add_special_tokens=False)[-max_length:] for t in texts]
+
+
+@torch.no_grad()
+def score(model: RewardModel, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
+    """Rewards of whole texts (prompt + response), (N,) on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = _encode(tokenizer, texts, max_length)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        batch = {k: v.to(device) for k, v in left_pad(ids[i : i + batch_size], tokenizer.pad_token_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(batch).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pairwise_accuracy(model: RewardModel, tokenizer, pairs: list[dict], batch_size: int, max_length: int) -> dict:
+    """Share of pairs whose chosen text scores above the rejected one, and the mean margin."""
+    chosen = score(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size, max_length)
+    rejected = score(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size, max_length)
+    return {
+        "pairwise_accuracy": float((chosen > rejected).float().mean()),
+        "margin": float((chosen - rejected).mean()),
+        "chosen_reward": float(chosen.mean()),
+        "rejected_reward": float(rejected.mean()),
+    }
+
+
+def train(
+    params: Params,
+    pairs: list[dict],
+    heldout: list[dict],
+    out_dir: Path,
+    callbacks: tuple[Callable[[dict[str, float], int], None], ...] = (),
+    progress: bool = True,
+) -> dict:
+    """Train a reward model on ``pairs``; save it to ``out_dir``; the summary (with held-out accuracy)."""
+    cfg, started_at = params.train, time.perf_counter()
+    reset_peak_memory()
+    set_seed(params.seed)
+    tokenizer, device = load_tokenizer(params.model), _device()
+    model = RewardModel(build_model(params)).to(device)
+    trainable, total = count_parameters(model)
+    limit = params.data.max_length
+    chosen = _encode(tokenizer, [p["prompt"] + p["chosen"] for p in pairs], limit)
+    rejected = _encode(tokenizer, [p["prompt"] + p["rejected"] for p in pairs], limit)
+    sampler = Sampler([len(c) + len(r) for c, r in zip(chosen, rejected, strict=True)], cfg.batch_size, params.seed)
+    optimizer = make_optimizer(model.backbone, params)
+    optimizer.add_param_group({"params": list(model.head.parameters()), "weight_decay": 0.0})
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+    eval_pairs = heldout[: cfg.eval_examples]
+    history, evals, seconds = [], [], 0.0
+    bar = tqdm(total=cfg.max_steps, desc="train reward model", disable=not progress, unit="step")
+    for step in range(1, cfg.max_steps + 1):
+        model.train()
+        started = time.perf_counter()
+        loss_sum, acc_sum = 0.0, 0.0
+        for k in range(cfg.grad_accum):
+            rows = sampler.indices((step - 1) * cfg.grad_accum + k)
+            batch = left_pad([chosen[i] for i in rows] + [rejected[i] for i in rows], tokenizer.pad_token_id)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                rewards = model({key: t.to(device) for key, t in batch.items()})
+            r_chosen, r_rejected = rewards[: len(rows)], rewards[len(rows) :]
+            loss = -nn.functional.logsigmoid(r_chosen - r_rejected).mean()  # Bradley-Terry
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            acc_sum += float((r_chosen > r_rejected).float().mean()) / cfg.grad_accum
+        if cfg.max_grad_norm:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - started
+        history.append({"step": step, "loss": loss_sum, "accuracy": acc_sum})
+        bar.set_postfix(loss=f"{loss_sum:.4f}", acc=f"{acc_sum:.2f}")
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            for cb in callbacks:
+                cb({"train_loss": loss_sum, "train_pairwise_accuracy": acc_sum, "lr": scheduler.get_last_lr()[0]}, step)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            result = pairwise_accuracy(model, tokenizer, eval_pairs, params.eval.batch_size, limit)
+            evals.append({"step": step, **result})
+            for cb in callbacks:
+                cb({"val_pairwise_accuracy": result["pairwise_accuracy"], "val_margin": result["margin"]}, step)
+            bar.write(f"step {step}: loss {loss_sum:.4f}, held-out pairwise accuracy {result['pairwise_accuracy']:.3f}")
+    bar.close()
+    final = pairwise_accuracy(model, tokenizer, heldout, params.eval.batch_size, limit)
+    save(model, params, out_dir)
+    return {
+        "steps": cfg.max_steps,
+        "first_train_loss": history[0]["loss"],
+        "final_train_loss": history[-1]["loss"],
+        "history": history,
+        "evals": evals,
+        "test_pairs": len(heldout),
+        **{f"test_{k}": v for k, v in final.items()},
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100 * trainable / total,
+        "train_seconds": seconds,
+        "wall_seconds": time.perf_counter() - started_at,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "artifact_bytes": artifacts.size_bytes(out_dir),
+        "device": str(device),
+    }
+
+
+def save(model: RewardModel, params: Params, out_dir: Path) -> Path:
+    """The method's artifact (adapter + peftflow.json) and the head, appearing together."""
+    with atomic_dir(out_dir) as tmp:
+        artifacts.save(model.backbone, get_method(params.method.name), tmp, params.method)  # fills tmp in one rename
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, tmp / HEAD_FILE)
+    return Path(out_dir)
+
+
+def load(params: Params, model_dir: Path) -> tuple[RewardModel, object]:
+    """A saved reward model (in eval mode, on the GPU if there is one) and its tokenizer."""
+    model_dir = Path(model_dir)
+    if not (model_dir / HEAD_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir}: not a reward model (no {HEAD_FILE})")
+    model = RewardModel(artifacts.load(load_base_for(params), model_dir))
+    model.head.load_state_dict(load_file(model_dir / HEAD_FILE))
+    return model.to(_device()).eval(), load_tokenizer(params.model)

@@ -1,0 +1,243 @@
+"""The RLHF chain's stages over a project folder: each an MLflow run and a registered version.
+
+``sft`` -> ``reward`` -> ``ppo`` (uses both), and ``dpo`` (trains from SFT; its win rate is
+measured under the reward model, so it records both too). Each stage's params are
+``params/base.yaml``, ``params/rlhf/base.yaml``, ``params/methods/<method>.yaml`` (the method the
+stage file names), ``params/rlhf/<stage>.yaml``, then overrides; ``STAGE:KEY=VALUE`` overrides
+apply to that stage only.
+
+A stage is reused, not retrained, when a registered version of ``<model_prefix>-<stage>`` carries
+the same fingerprint: the stage's resolved params (minus tracking and bookkeeping), the DVC hash
+of the RLHF data and the exact registry versions of its inputs. So a changed reward model re-runs
+the reward stage and the stages that consume it, and SFT is reused. Code changes are not in the
+fingerprint (as in nightly retraining): pass ``force`` to retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from peftflow import registry, tracking, versioning
+from peftflow.config import Params, ParamsError, _read_yaml, flatten, merge_files, parse_override, save_params
+from peftflow.pipeline import DataVersion, Project, check_overrides
+from peftflow.rlhf import data as rlhf_data
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "reward", "ppo", "dpo")
+INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "dpo": ("sft", "reward")}
+# the rlhf.* sections a stage reads (its fingerprint ignores the others)
+READS = {"sft": (), "reward": (), "ppo": ("generation", "ppo", "eval"), "dpo": ("generation", "dpo", "eval")}
+NOT_FINGERPRINT = (
+    "tracking.",
+    "promote.",
+    "nightly.",
+    "train.output_dir",
+    "train.run_name",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "rlhf.model_prefix",
+)
+
+
+class StageResult(BaseModel):
+    stage: str
+    run_id: str
+    model_name: str
+    version: str
+    reused: bool
+    metrics: dict[str, float]
+
+
+def stage_overrides(overrides: list[str], stage: str) -> list[str]:
+    """The overrides for ``stage``: plain ones, and ``STAGE:KEY=VALUE`` ones for this stage."""
+    out = []
+    for item in overrides:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head:
+            if head not in STAGES:
+                raise ParamsError(f"override {item!r}: unknown stage {head!r}; stages: {', '.join(STAGES)}")
+            if head == stage:
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
+
+
+def load_stage(stage: str, params_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """The resolved params of one stage (see the module docstring for the merge order)."""
+    if stage not in STAGES:
+        raise ParamsError(f"stage {stage!r}: unknown; stages: {', '.join(STAGES)}")
+    params_dir = Path(params_dir)
+    stage_file = params_dir / "rlhf" / f"{stage}.yaml"
+    mine = stage_overrides(list(overrides), stage)
+    method = (_read_yaml(stage_file).get("method") or {}).get("name")
+    for item in mine:
+        path, value = parse_override(item)
+        method = value if path == ("method", "name") else method
+    if not method:
+        raise ParamsError(f"{stage_file}: method.name: required key is missing")
+    method_file = params_dir / "methods" / f"{method}.yaml"
+    if not method_file.is_file():
+        known = sorted(p.stem for p in (params_dir / "methods").glob("*.yaml"))
+        raise ParamsError(f"{stage_file}: method.name: unknown method {method!r}; available: {', '.join(known)}")
+    files = [params_dir / "base.yaml", params_dir / "rlhf" / "base.yaml", method_file, stage_file]
+    return merge_files(files, mine)
+
+
+def fingerprint(stage: str, params: Params, data_md5: str | None, inputs: dict[str, str]) -> str:
+    flat = flatten(params.to_dict())
+    keep = {
+        k: v
+        for k, v in flat.items()
+        if not k.startswith(NOT_FINGERPRINT) and (not k.startswith("rlhf.") or k.split(".")[1] in READS[stage])
+    }
+    blob = json.dumps({"stage": stage, "params": keep, "data": data_md5, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_data(project: Project) -> DataVersion:
+    """``dvc repro`` of the base model (embedded only) and the RLHF data, ``dvc push``; the data version."""
+    check_overrides(project.overrides)
+    params = load_stage("sft", project.root / project.params_dir, project.overrides)
+    targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["rlhf_prepare"]
+    ran = versioning.repro(project.root, targets)
+    versioning.push(project.root, ["rlhf_prepare"])
+    out_dir = params.rlhf.data.out_dir
+    manifest = json.loads((project.root / out_dir / "manifest.json").read_text())
+    return DataVersion(
+        version=manifest["version"],
+        dvc_md5=versioning.out_hash(project.root, str(out_dir)),
+        out_dir=out_dir,
+        rows={k: v["rows"] for k, v in manifest["files"].items()},
+        stages_run=ran,
+    )
+
+
+def _reusable(client, name: str, fp: str):
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # not registered yet
+        return None
+    found = [v for v in versions if v.tags.get("peftflow.rlhf.fingerprint") == fp]
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def run_stage(
+    project: Project,
+    stage: str,
+    data_version: DataVersion,
+    inputs: dict[str, StageResult],
+    tags: dict[str, str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> StageResult:
+    """Train, evaluate and register one stage, or reuse the version its fingerprint names."""
+    from peftflow.rlhf.runs import TRAINERS
+
+    params = load_stage(stage, project.root / project.params_dir, project.overrides)
+    missing = [s for s in INPUTS[stage] if s not in inputs]
+    if missing:
+        raise ValueError(f"stage {stage}: needs the {', '.join(missing)} stage(s) first")
+    used = {s: f"{inputs[s].model_name}/{inputs[s].version}" for s in INPUTS[stage]}
+    fp = fingerprint(stage, params, data_version.dvc_md5, used)
+    name = f"{params.rlhf.model_prefix}-{stage}"
+    client, experiment_id = tracking.connect(params, project.root)
+    found = None if force else _reusable(client, name, fp)
+    if found is not None:
+        log.info("%s: reusing %s version %s (same params, data and inputs)", stage, name, found.version)
+        return StageResult(
+            stage=stage,
+            run_id=found.run_id,
+            model_name=name,
+            version=str(found.version),
+            reused=True,
+            metrics=tracking.run_metrics(client, found.run_id),
+        )
+
+    local = params.rebased(project.root)
+    local.rlhf.data.out_dir = project.root / data_version.out_dir
+    manifest = json.loads((local.rlhf.data.out_dir / "manifest.json").read_text())
+    extra = {
+        "peftflow.rlhf.stage": stage,
+        "peftflow.rlhf.fingerprint": fp,
+        **{f"peftflow.rlhf.input.{s}": v for s, v in used.items()},
+    }
+    run_tags = {**tracking.lineage(params, project.root, manifest, data_version.dvc_md5), **extra, **(tags or {})}
+    run_id = client.create_run(experiment_id, tags=run_tags, run_name=f"rlhf-{stage}").info.run_id
+    input_dirs = {
+        s: registry.fetched(client, client.get_model_version(r.model_name, r.version), project.root, params)
+        for s, r in inputs.items()
+        if s in INPUTS[stage]
+    }
+    with tracking.running(client, run_id):
+        flat = [(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
+        from mlflow.entities import Param
+
+        for i in range(0, len(flat), 100):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in flat[i : i + 100]])
+        run_dir = local.train.output_dir / run_id
+        local.train.run_name = run_id
+
+        def to_mlflow(metrics: dict[str, float], step: int) -> None:
+            tracking.log_metrics(client, run_id, metrics, step)
+
+        summary = TRAINERS[stage](local, run_dir, input_dirs, (to_mlflow,), progress)
+        final = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        tracking.log_metrics(client, run_id, final, summary.get("steps", 0))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_params(params, Path(tmp) / "params.yaml")
+            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"))
+            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"), "model")
+            (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            client.log_artifact(run_id, str(Path(tmp) / "summary.json"))
+        client.log_artifacts(run_id, str(run_dir / "model"), "model")
+        for name_ in ("examples.json", "history.json"):  # policy samples beside the SFT's; PPO's per-step figures
+            if (run_dir / name_).is_file():
+                client.log_artifact(run_id, str(run_dir / name_))
+        client.set_tag(run_id, "peftflow.evaluated", "true")
+    version = registry.register(client, run_id, name)
+    for key, value in extra.items():
+        client.set_model_version_tag(name, version, key, value)
+    shutil.rmtree(run_dir, ignore_errors=True)  # MLflow holds the artifact now
+    return StageResult(
+        stage=stage,
+        run_id=run_id,
+        model_name=name,
+        version=version,
+        reused=False,
+        metrics=tracking.run_metrics(client, run_id),
+    )
+
+
+def summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
+    """One row per stage for reports: version, reused or trained, and its headline metrics."""
+    keys = {
+        "sft": ("test_loss", "zeroshot_test_loss"),
+        "reward": ("test_pairwise_accuracy", "test_margin"),
+        "ppo": ("test_reward_mean", "test_sft_reward_mean", "test_win_rate_vs_sft", "test_kl_vs_sft"),
+        "dpo": ("test_reward_mean", "test_sft_reward_mean", "test_win_rate_vs_sft", "test_kl_vs_sft"),
+    }
+    return [
+        {
+            "stage": r.stage,
+            "version": f"{r.model_name}/{r.version}",
+            "run": r.run_id,
+            "reused": r.reused,
+            **{k: round(r.metrics[k], 4) for k in keys[r.stage] if k in r.metrics},
+        }
+        for r in results
+    ]
+
+
+def read_pairs(params: Params, part: str) -> list[dict]:
+    return rlhf_data.read(params.rlhf.data.out_dir, f"pairs/{part}")
