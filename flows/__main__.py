@@ -133,21 +133,16 @@ def rlhf(
         run_or_exit(load_stage, stage, root / project.params_dir, project.overrides)
     unknown = sorted(set(force or []) - set(STAGES))
     if unknown:
-        run_or_exit(
-            lambda: (_ for _ in ()).throw(
-                ValueError(f"--force {', '.join(unknown)}: unknown stage; stages: {', '.join(STAGES)}")
-            )
+        typer.secho(
+            f"error: --force {', '.join(unknown)}: unknown stage; stages: {', '.join(STAGES)}", fg="red", err=True
         )
+        raise typer.Exit(2)
     results = [StageResult(**r) for r in flow(project=project, force=force or [])]
-    rows = summary_rows(results)
-    table = Table(title="rlhf", title_justify="left")
-    columns = sorted(
-        {k for r in rows for k in r if k != "run"}, key=lambda k: (k not in ("stage", "version", "reused"), k)
-    )
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("stage", "version") else "right")
-    for r in rows:
-        table.add_row(*(str(r.get(c, "-")) for c in columns))
+    table = Table(title="rlhf (held-out prompts and pairs)", title_justify="left")
+    for col in ("stage", "version", "how", "result"):
+        table.add_column(col)
+    for row in summary_rows(results):
+        table.add_row(row["stage"], row["version"], row["how"], row["result"])
     Console().print(table)
 
 

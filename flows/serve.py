@@ -36,11 +36,12 @@ class ServeError(RuntimeError):
 
 
 def deployments(project: Project) -> list:
-    """``experiment``, ``compare`` and ``nightly-retrain``, each defaulting to ``project``."""
+    """``experiment``, ``compare``, ``nightly-retrain`` and ``rlhf``, each defaulting to ``project``."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
     from flows.pipeline import compare, experiment, nightly_retrain
+    from flows.rlhf import rlhf
 
     nightly = project.params(None).nightly
     defaults = {"project": project.model_dump(mode="json")}
@@ -56,6 +57,7 @@ def deployments(project: Project) -> list:
             description=f"{', '.join(nightly.methods)} at `{nightly.cron}` ({nightly.timezone}); skipped when "
             f"the DVC data version and params are unchanged since the last nightly run that finished",
         ),
+        rlhf.to_deployment(name="rlhf", **common),
     ]
 
 

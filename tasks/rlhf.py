@@ -33,10 +33,6 @@ def run_stage(
 def publish(data_version: DataVersion, results: list[stages.StageResult]) -> None:
     rows = stages.summary_rows(results)
     lines = [f"# RLHF chain on data {data_version.version} (DVC {data_version.dvc_md5})", ""]
-    lines += [
-        f"- **{r['stage']}**: {r['version']} ({'reused' if r['reused'] else 'trained'}), "
-        + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("stage", "version", "run", "reused"))
-        for r in rows
-    ]
+    lines += [f"- **{r['stage']}**: {r['version']} ({r['how']}, MLflow run {r['run']}): {r['result']}" for r in rows]
     create_markdown_artifact("\n".join(lines), key="rlhf-summary", description="the RLHF chain's stages")
     create_table_artifact(rows, key="rlhf-results", description="one row per stage")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -195,6 +196,10 @@ def test_stage_params_merge_in_order_and_stage_overrides_stay_in_their_stage():
     assert ppo_params.train.max_steps == 3 and sft_params.train.max_steps == 80  # params/rlhf/sft.yaml
     assert ppo_params.seed == sft_params.seed == 7
     assert ppo_params.method.r == 8 and sft_params.method.r == 16  # rlhf/ppo.yaml over methods/lora.yaml
+    from peftflow.pipeline import check_overrides
+
+    with pytest.raises(ParamsError, match=r"'reward:rlhf.data.test=5': rlhf.data.\* is DVC-tracked"):
+        check_overrides(["reward:rlhf.data.test=5"])  # the data would not match its DVC version
     with pytest.raises(ParamsError, match="unknown stage 'sfx'"):
         load_stage("sft", PARAMS_DIR, ["sfx:train.lr=1.0"])
     with pytest.raises(
@@ -297,6 +302,21 @@ def test_the_chain_registers_each_stage_with_its_inputs_and_reuses_unchanged_sta
     tags = client.get_model_version("peftflow-rlhf-ppo", third["ppo"]["version"]).tags
     assert tags["peftflow.rlhf.input.reward"] == f"peftflow-rlhf-reward/{third['reward']['version']}"
     assert tags["peftflow.rlhf.input.sft"] == f"peftflow-rlhf-sft/{first['sft']['version']}"
+
+    # a registered policy loads on its own (its SFT adapter inside) and continues prompts
+    from tests.project import run
+
+    out = run(
+        [f"{BIN}/peftflow", "rlhf", "generate", "models:/peftflow-rlhf-ppo@candidate", "-p", "the film was"], root
+    )
+    assert "policy: the film was" in out.stdout and "sft:    the film was" in out.stdout
+    bad = subprocess.run(
+        [f"{BIN}/peftflow", "rlhf", "generate", "models:/peftflow-rlhf-reward@candidate", "-p", "x"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "not a PPO or DPO policy" in bad.stderr
 
 
 def test_a_policy_method_that_is_not_an_adapter_fails_in_one_line(rlhf_project):

@@ -174,7 +174,7 @@ def served(tmp_path_factory, tiny_model_dir):
             assert proc.poll() is None, f"peftflow serve exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
             try:
                 names = {d["name"] for d in s.call("POST", "/deployments/filter", {})}
-                if {"experiment", "compare", "nightly-retrain"} <= names:
+                if {"experiment", "compare", "nightly-retrain", "rlhf"} <= names:
                     break
             except OSError:
                 pass

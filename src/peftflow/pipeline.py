@@ -54,10 +54,12 @@ _DVC_OWNED = ("data",)
 
 def check_overrides(overrides: list[str]) -> None:
     for item in overrides:
-        path, _ = parse_override(item)
-        if path[0] in _DVC_OWNED:
+        head, sep, rest = item.partition(":")  # STAGE:KEY=VALUE (RLHF stages) names the key after the colon
+        path, _ = parse_override(rest if sep and "=" not in head else item)
+        if path[0] in _DVC_OWNED or path[:2] == ("rlhf", "data"):
             raise ParamsError(
-                f"override {item!r}: data.* is DVC-tracked; set it in params/data.yaml (or `dvc exp run -S`), "
+                f"override {item!r}: {'.'.join(path[: 2 if path[0] == 'rlhf' else 1])}.* is DVC-tracked; set it in "
+                f"params/data.yaml or params/rlhf/base.yaml (or `dvc exp run -S`), "
                 f"so the prepared data and its version match the params"
             )
 

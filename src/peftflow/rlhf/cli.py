@@ -64,7 +64,8 @@ def generate(
     version = run_or_exit(registry.resolve, client, model_uri)
     folder = registry.fetched(client, version, root, params)
     if not (folder / "sft").is_dir():
-        run_or_exit(lambda: (_ for _ in ()).throw(ValueError(f"{model_uri}: not a PPO or DPO policy (no sft/ inside)")))
+        typer.secho(f"error: {model_uri}: not a PPO or DPO policy (no sft/ inside)", fg="red", err=True)
+        raise typer.Exit(2)
     policy_params = read_resolved(folder / "params.yaml").rebased(root)
     policy, tokenizer = load_policy(policy_params, folder).eval(), load_tokenizer(policy_params.model)
     ids = [encode_prompt(tokenizer, p, policy_params.data) for p in prompt]

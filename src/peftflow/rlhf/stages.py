@@ -219,21 +219,39 @@ def run_stage(
     )
 
 
+def headline(result: StageResult) -> str:
+    """A stage's result in one line, for tables and summaries."""
+    m = {k: result.metrics.get(k, float("nan")) for k in _HEADLINE}
+    if result.stage == "sft":
+        return f"test loss {m['test_loss']:.3f} (base model {m['zeroshot_test_loss']:.3f})"
+    if result.stage == "reward":
+        return f"held-out pairwise accuracy {m['test_pairwise_accuracy']:.3f}"
+    return (
+        f"reward {m['test_reward_mean']:.3f} vs SFT {m['test_sft_reward_mean']:.3f}, "
+        f"win rate {100 * m['test_win_rate_vs_sft']:.1f}%, KL {m['test_kl_vs_sft']:.2f} nats"
+    )
+
+
+_HEADLINE = (
+    "test_loss",
+    "zeroshot_test_loss",
+    "test_pairwise_accuracy",
+    "test_reward_mean",
+    "test_sft_reward_mean",
+    "test_win_rate_vs_sft",
+    "test_kl_vs_sft",
+)
+
+
 def summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
-    """One row per stage for reports: version, reused or trained, and its headline metrics."""
-    keys = {
-        "sft": ("test_loss", "zeroshot_test_loss"),
-        "reward": ("test_pairwise_accuracy", "test_margin"),
-        "ppo": ("test_reward_mean", "test_sft_reward_mean", "test_win_rate_vs_sft", "test_kl_vs_sft"),
-        "dpo": ("test_reward_mean", "test_sft_reward_mean", "test_win_rate_vs_sft", "test_kl_vs_sft"),
-    }
+    """One row per stage for reports: version, reused or trained, the run and its headline."""
     return [
         {
             "stage": r.stage,
             "version": f"{r.model_name}/{r.version}",
+            "how": "reused" if r.reused else "trained",
+            "result": headline(r),
             "run": r.run_id,
-            "reused": r.reused,
-            **{k: round(r.metrics[k], 4) for k in keys[r.stage] if k in r.metrics},
         }
         for r in results
     ]
