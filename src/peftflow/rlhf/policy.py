@@ -83,7 +83,7 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, gen: Gener
         attention_mask=query["attention_mask"].to(device),
         do_sample=True,
         temperature=gen.temperature,
-        top_k=gen.top_k or None,
+        top_k=gen.top_k,  # 0: off (None could pick up a library default)
         top_p=gen.top_p,
         max_new_tokens=gen.max_new_tokens,
         pad_token_id=pad_id,
