@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, make_rows
+from tests.conftest import NEGATIVE, POSITIVE, ROOT, make_rows
 
 BIN = str(Path(sys.executable).parent)  # dvc stages call `peftflow`; flows call `dvc` through its API
 
@@ -71,6 +71,18 @@ def make_project(root: Path, model_dir: Path | None, n_rows: int = 160) -> Path:
         {"data.source": "data/raw/reviews.jsonl", "data.split.test": 32, "data.split.val": 16},
     )
     set_keys(root / "params" / "methods" / "lora.yaml", {"train.lr": 5.0e-3})  # tiny model, few steps
+    # RLHF data: learnable preferences (positive words beat negative ones), for the rlhf_prepare stage
+    pairs = [
+        {"prompt": f"review {i}: the film was", "chosen": f"{POSITIVE[i % 8]} and {POSITIVE[(i + 3) % 8]}",
+         "rejected": f"{NEGATIVE[i % 8]} and {NEGATIVE[(i + 5) % 8]}"}
+        for i in range(48)
+    ]  # fmt: skip
+    (root / "data" / "raw" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    set_keys(
+        root / "params" / "rlhf" / "base.yaml",
+        {"rlhf.data.source": "data/raw/pairs.jsonl", "rlhf.data.test": 8, "rlhf.data.val": 8,
+         "rlhf.generation.max_new_tokens": 6, "rlhf.eval.prompts": 8, "rlhf.eval.batch_size": 8},
+    )  # fmt: skip
     run(["git", "init", "-q"], root)
     run([f"{BIN}/dvc", "init", "-q"], root)
     shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the local remote ../dvcstore

@@ -17,7 +17,7 @@ def test_dvc_repro_exp_run_and_push_pull(tmp_path, tiny_model_dir):
     dvc = f"{BIN}/dvc"
 
     out = run([dvc, "repro"], root).stdout
-    for stage in ("base_model", "prepare", "train@lora", "evaluate@lora", "compare"):
+    for stage in ("base_model", "prepare", "rlhf_prepare", "train@lora", "evaluate@lora", "compare"):
         assert f"Running stage '{stage}'" in out, out[-2000:]
     metrics = json.loads((root / "metrics" / "lora.json").read_text())
     assert metrics["test_loss"] < metrics["zeroshot"]["test_loss"]

@@ -18,7 +18,7 @@ from peftflow.rlhf import data as rlhf_data
 from peftflow.rlhf import ppo
 from peftflow.rlhf.params import RlhfData
 from peftflow.rlhf.stages import load_stage
-from tests.conftest import NEGATIVE, PARAMS_DIR, POSITIVE, ROOT
+from tests.conftest import PARAMS_DIR, ROOT
 from tests.project import BIN, make_project, set_keys
 
 # --- PPO's pieces on a fixed batch, against numbers worked out by hand ---------------------------
@@ -132,6 +132,7 @@ def test_a_few_ppo_steps_raise_the_mean_reward_on_a_toy_reward(tiny_model_dir):
 
     params = _tiny_params(tiny_model_dir)
     tokenizer = load_tokenizer(params.model)
+    torch.manual_seed(0)  # the adapter's initialization, whatever ran before this test
     policy = with_adapter(load_base_for(params), params, "ppo")
     # toy reward: how far the response's tokens lie along a fixed direction of the embedding space
     # (a property the policy can learn through its hidden states, unlike an arbitrary token set)
@@ -151,7 +152,7 @@ def test_a_few_ppo_steps_raise_the_mean_reward_on_a_toy_reward(tiny_model_dir):
     after = evaluate(policy, tokenizer, toy, prompts, params)
     assert before["win_rate_vs_sft"] == 0.5 and before["kl_vs_sft"] == 0.0  # untrained: the policy is the reference
     assert after["reward_mean"] > before["reward_mean"] + 0.15, (before, after)
-    assert after["win_rate_vs_sft"] > 0.7
+    assert after["win_rate_vs_sft"] > 0.7, (before, after)
     assert 0 < after["kl_vs_sft"] < 20  # it moved away from the reference, within bounds
     assert summary["history"][0]["approx_kl"] < summary["history"][0]["clipfrac"] + 1  # stats are recorded
     assert len(summary["history"]) == params.train.max_steps
@@ -220,30 +221,8 @@ def rlhf_project(tmp_path_factory, tiny_model_dir):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     root = tmp_path_factory.mktemp("rlhf") / "proj"
-    make_project(root, tiny_model_dir)
-    pairs = []
-    for i in range(48):  # learnable preferences: positive words beat negative ones
-        prompt = f"review {i}: the film was"
-        pairs.append(
-            {
-                "prompt": prompt,
-                "chosen": f"{POSITIVE[i % 8]} and {POSITIVE[(i + 3) % 8]}",
-                "rejected": f"{NEGATIVE[i % 8]} and {NEGATIVE[(i + 5) % 8]}",
-            }
-        )
-    (root / "data" / "raw" / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    make_project(root, tiny_model_dir)  # with 48 preference pairs in data/raw/pairs.jsonl
     rl = root / "params" / "rlhf"
-    set_keys(
-        rl / "base.yaml",
-        {
-            "rlhf.data.source": "data/raw/pairs.jsonl",
-            "rlhf.data.test": 8,
-            "rlhf.data.val": 8,
-            "rlhf.generation.max_new_tokens": 6,
-            "rlhf.eval.prompts": 8,
-            "rlhf.eval.batch_size": 8,
-        },
-    )
     short = {
         "train.max_steps": 3,
         "train.batch_size": 8,

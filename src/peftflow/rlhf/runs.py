@@ -90,6 +90,9 @@ def _save_policy(policy, params: Params, sft_dir: Path, out_dir: Path, value_hea
 
 
 def _policy(params: Params, inputs: dict[str, Path], stage: str):
+    from transformers import set_seed
+
+    set_seed(params.seed)  # the fresh adapter's initialization is part of the run, not of what ran before it
     policy = with_adapter(merged_sft(params, inputs["sft"]), params, stage).to(_device())
     return policy, load_tokenizer(params.model)
 
