@@ -187,9 +187,7 @@ def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, s
     with running(client, run_id):
         params = params.model_copy(update={"train": params.train.model_copy(update={"run_name": run_id})})
         local = local.model_copy(update={"train": local.train.model_copy(update={"run_name": run_id})})
-        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
-        for i in range(0, len(flat), 100):  # the store takes at most 100 params per batch
-            client.log_batch(run_id, params=flat[i : i + 100])
+        log_params(client, run_id, params)
         _log_datasets(client, run_id, params, manifest, data_md5)
 
         def to_mlflow(metrics: dict[str, float], step: int) -> None:
@@ -199,14 +197,27 @@ def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, s
         final = {"final_train_loss": summary["final_train_loss"], "artifact_bytes": summary.get("artifact_bytes", 0)}
         final.update({k: summary[k] for k in TRAIN_METRICS if k not in final})
         log_metrics(client, run_id, final, summary["steps"])
-        with tempfile.TemporaryDirectory() as tmp:  # paths as the user wrote them, not this machine's
-            save_params(params, Path(tmp) / "params.yaml")
-            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"))
-            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"), "model")
+        log_params_file(client, run_id, params)
         client.log_artifact(run_id, str(local.run_dir / "train_summary.json"))
         client.log_artifacts(run_id, str(local.run_dir / "model"), "model")
     log.info("MLflow run %s: %s trained, artifact logged", run_id, params.method.name)
     return run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
+    """The resolved params, flattened (``train.lr``), as the run's MLflow params."""
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
+    for i in range(0, len(flat), 100):  # the store takes at most 100 params per batch
+        client.log_batch(run_id, params=flat[i : i + 100])
+
+
+def log_params_file(client: MlflowClient, run_id: str, params: Params) -> None:
+    """The resolved params as ``params.yaml``, beside the run and inside its ``model/`` artifact (so a
+    registered version is self-contained), with paths as the user wrote them, not this machine's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_params(params, Path(tmp) / "params.yaml")
+        client.log_artifact(run_id, str(Path(tmp) / "params.yaml"))
+        client.log_artifact(run_id, str(Path(tmp) / "params.yaml"), "model")
 
 
 @contextlib.contextmanager

@@ -22,6 +22,11 @@ from peftflow.rlhf.params import Generation
 from peftflow.tokens import left_pad
 
 
+def device() -> torch.device:
+    """Where the RLHF stages run: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class ScalarHead(nn.Module):
     """hidden state -> one number: PPO's value head and the reward model's score head."""
 

@@ -26,6 +26,7 @@ from peftflow.atomic import atomic_dir
 from peftflow.config import Params
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
+from peftflow.rlhf import policy
 from peftflow.rlhf.policy import ScalarHead
 from peftflow.tokens import left_pad
 from peftflow.train import Sampler, build_model, count_parameters, make_optimizer, peak_memory_bytes, reset_peak_memory
@@ -44,10 +45,6 @@ class RewardModel(nn.Module):
         """(B,) scores of a left-padded batch: the last column is every row's last token."""
         out = self.backbone(**batch, logits_to_keep=1, output_hidden_states=True)
         return self.head(out.hidden_states[-1][:, -1])
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -92,7 +89,7 @@ def train(
     cfg, started_at = params.train, time.perf_counter()
     reset_peak_memory()
     set_seed(params.seed)
-    tokenizer, device = load_tokenizer(params.model), _device()
+    tokenizer, device = load_tokenizer(params.model), policy.device()
     model = RewardModel(build_model(params)).to(device)
     trainable, total = count_parameters(model)
     limit = params.data.max_length
@@ -176,4 +173,4 @@ def load(params: Params, model_dir: Path) -> tuple[RewardModel, object]:
         raise FileNotFoundError(f"{model_dir}: not a reward model (no {HEAD_FILE})")
     model = RewardModel(artifacts.load(load_base_for(params), model_dir))
     model.head.load_state_dict(load_file(model_dir / HEAD_FILE))
-    return model.to(_device()).eval(), load_tokenizer(params.model)
+    return model.to(policy.device()).eval(), load_tokenizer(params.model)

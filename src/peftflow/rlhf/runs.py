@@ -17,14 +17,10 @@ from peftflow.config import Params, read_resolved
 from peftflow.methods import get_method
 from peftflow.model import load_tokenizer
 from peftflow.rlhf import data, dpo, ppo, reward
-from peftflow.rlhf.policy import ScalarHead, evaluate, merged_sft, with_adapter
+from peftflow.rlhf.policy import ScalarHead, device, evaluate, merged_sft, with_adapter
 
 Callbacks = tuple[Callable[[dict[str, float], int], None], ...]
 VALUE_HEAD = "value_head.safetensors"
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sft(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callbacks, progress: bool) -> dict:
@@ -93,7 +89,7 @@ def _policy(params: Params, inputs: dict[str, Path], stage: str):
     from transformers import set_seed
 
     set_seed(params.seed)  # the fresh adapter's initialization is part of the run, not of what ran before it
-    policy = with_adapter(merged_sft(params, inputs["sft"]), params, stage).to(_device())
+    policy = with_adapter(merged_sft(params, inputs["sft"]), params, stage).to(device())
     return policy, load_tokenizer(params.model)
 
 

@@ -26,9 +26,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from peftflow import registry, tracking, versioning
-from peftflow.config import Params, ParamsError, _read_yaml, flatten, merge_files, parse_override, save_params
+from peftflow.config import Params, ParamsError, _read_yaml, flatten, merge_files, parse_override
 from peftflow.pipeline import DataVersion, Project, check_overrides
-from peftflow.rlhf import data as rlhf_data
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +179,7 @@ def run_stage(
         if s in INPUTS[stage]
     }
     with tracking.running(client, run_id):
-        flat = [(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
-        from mlflow.entities import Param
-
-        for i in range(0, len(flat), 100):
-            client.log_batch(run_id, params=[Param(k, v) for k, v in flat[i : i + 100]])
+        tracking.log_params(client, run_id, params)
         run_dir = local.train.output_dir / run_id
         local.train.run_name = run_id
 
@@ -192,12 +187,9 @@ def run_stage(
             tracking.log_metrics(client, run_id, metrics, step)
 
         summary = TRAINERS[stage](local, run_dir, input_dirs, (to_mlflow,), progress)
-        final = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        tracking.log_metrics(client, run_id, final, summary.get("steps", 0))
+        tracking.log_metrics(client, run_id, tracking.metrics_to_log(summary), summary.get("steps", 0))
+        tracking.log_params_file(client, run_id, params)
         with tempfile.TemporaryDirectory() as tmp:
-            save_params(params, Path(tmp) / "params.yaml")
-            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"))
-            client.log_artifact(run_id, str(Path(tmp) / "params.yaml"), "model")
             (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             client.log_artifact(run_id, str(Path(tmp) / "summary.json"))
         client.log_artifacts(run_id, str(run_dir / "model"), "model")
@@ -255,7 +247,3 @@ def summary_rows(results: list[StageResult]) -> list[dict[str, Any]]:
         }
         for r in results
     ]
-
-
-def read_pairs(params: Params, part: str) -> list[dict]:
-    return rlhf_data.read(params.rlhf.data.out_dir, f"pairs/{part}")
