@@ -51,8 +51,12 @@ def convert_embedded(out_dir: Path) -> Path:
     gguf = embedded_gguf()
     out_dir = Path(out_dir)
     log.info("converting %s to a safetensors checkpoint in %s", gguf.name, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # local_files_only also lands in the saved tokenizer_config.json: set it, rather than inherit it
+    # from $HF_HUB_OFFLINE, so the converted folder (a DVC output) hashes the same in every shell
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
     config = quantized.config
     if hasattr(config, "quantization_config"):  # its weights are de-quantized; the copy is a plain model
         del config.quantization_config
