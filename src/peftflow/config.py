@@ -332,17 +332,32 @@ def load_params(
     params_dir = Path(params_dir)
     files = [params_dir / "base.yaml", params_dir / "data.yaml"]
     if method is not None:
-        method_file = params_dir / "methods" / f"{method}.yaml"
-        if not method_file.is_file():
-            known = sorted(p.stem for p in (params_dir / "methods").glob("*.yaml"))
-            raise ParamsError(f"{method_file}: no params file for method {method!r}; available: {', '.join(known)}")
-        files.append(method_file)
-    if method is not None:
-        section = _read_yaml(files[-1]).get("method")
-        file_method = section.get("name") if isinstance(section, dict) else None
+        files.append(method_file(params_dir, method, None))
+        file_method = named_method(files[-1])
         if file_method != method:
             raise ParamsError(f"{files[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
     return merge_files(files, overrides)
+
+
+def method_file(params_dir: Path, method: str, named_in: Path | None) -> Path:
+    """``params_dir/methods/<method>.yaml``; a one-line error listing the available ones if absent
+    (naming ``named_in``, the file that asked for the method, if any)."""
+    path = Path(params_dir) / "methods" / f"{method}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        where = (
+            f"{named_in}: method.name: unknown method {method!r}"
+            if named_in
+            else f"{path}: no params file for method {method!r}"
+        )
+        raise ParamsError(f"{where}; available: {known}")
+    return path
+
+
+def named_method(path: Path) -> str | None:
+    """The ``method.name`` a params file sets, if any."""
+    section = _read_yaml(path).get("method")
+    return section.get("name") if isinstance(section, dict) else None
 
 
 def merge_files(files: list[Path], overrides: list[str] | tuple[str, ...] = ()) -> Params:

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from peftflow import registry, tracking, versioning
-from peftflow.config import Params, ParamsError, _read_yaml, flatten, merge_files, parse_override
+from peftflow.config import Params, ParamsError, flatten, merge_files, method_file, named_method, parse_override
 from peftflow.pipeline import DataVersion, Project, check_overrides
 
 log = logging.getLogger(__name__)
@@ -79,17 +79,14 @@ def load_stage(stage: str, params_dir: Path, overrides: list[str] | tuple[str, .
     params_dir = Path(params_dir)
     stage_file = params_dir / "rlhf" / f"{stage}.yaml"
     mine = stage_overrides(list(overrides), stage)
-    method = (_read_yaml(stage_file).get("method") or {}).get("name")
+    method = named_method(stage_file)
     for item in mine:
         path, value = parse_override(item)
         method = value if path == ("method", "name") else method
     if not method:
         raise ParamsError(f"{stage_file}: method.name: required key is missing")
-    method_file = params_dir / "methods" / f"{method}.yaml"
-    if not method_file.is_file():
-        known = sorted(p.stem for p in (params_dir / "methods").glob("*.yaml"))
-        raise ParamsError(f"{stage_file}: method.name: unknown method {method!r}; available: {', '.join(known)}")
-    files = [params_dir / "base.yaml", params_dir / "rlhf" / "base.yaml", method_file, stage_file]
+    method_path = method_file(params_dir, method, stage_file)
+    files = [params_dir / "base.yaml", params_dir / "rlhf" / "base.yaml", method_path, stage_file]
     return merge_files(files, mine)
 
 
