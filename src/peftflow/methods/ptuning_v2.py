@@ -5,6 +5,9 @@ How it differs from ``prefix``: the mechanism is the same (virtual keys and valu
 layer's attention), but P-tuning v2 trains the per-layer prompts directly, with no MLP
 reparameterization by default (the paper found it unnecessary or harmful on some tasks), and was
 proposed for understanding tasks at every model scale. Set ``prefix_projection: true`` to compare.
+
+``init: text`` (default) starts the prompts from the keys and values of ``init_text`` (see
+:func:`peftflow.methods.prefix.init_from_text`); ``random`` keeps peft's N(0, 1) draw.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from __future__ import annotations
 from typing import Literal
 
 from peft import get_peft_model
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from peftflow.methods import MethodParams
-from peftflow.methods.prefix import prefix_config
+from peftflow.methods.prefix import DEFAULT_INIT_TEXT, init_from_text, prefix_config
 
 
 class Params(MethodParams):
@@ -24,8 +27,19 @@ class Params(MethodParams):
     num_virtual_tokens: int = Field(20, ge=1)  # prompt length, per layer
     prefix_projection: bool = False  # the difference from `prefix`: no MLP by default
     encoder_hidden_size: int = Field(512, ge=1)  # used only with prefix_projection
+    init: Literal["text", "random"] = "text"  # text: the model's own keys/values for init_text
+    init_text: str = DEFAULT_INIT_TEXT
+
+    @model_validator(mode="after")
+    def _init_needs_direct_prompts(self) -> Params:
+        if self.init == "text" and self.prefix_projection:
+            raise ValueError("init: text sets the prompts directly; with prefix_projection: true use init: random")
+        return self
 
 
 def apply(model: nn.Module, params: Params) -> nn.Module:
     config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if params.init == "text":
+        init_from_text(peft_model, params.init_text)
+    return peft_model
