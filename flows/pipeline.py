@@ -7,6 +7,7 @@ from typing import Literal
 
 from prefect import flow
 
+from peftflow import compare as compare_core
 from peftflow.methods import method_names
 from peftflow.pipeline import DataVersion, Project
 from tasks import pipeline as steps
@@ -15,7 +16,6 @@ HERE = Project()  # the project in the working directory, with its params/
 # the registered methods: a pick list in the UI's form, checked by the server before a run starts
 Method = Literal[tuple(method_names())]
 DEFAULT_METHODS = ["lora"]
-COMPARE_METHODS = ["lora", "ia3"]
 
 
 @flow(name="prepare_data")
@@ -82,16 +82,54 @@ def experiment(
 
 
 @flow(name="compare")
-def compare(methods: list[Method] = COMPARE_METHODS, project: Project = HERE) -> list[dict]:
-    """Every listed method on the same data, one after another; a leaderboard artifact ranks them.
+def compare(
+    methods: list[Method] | None = None,
+    seeds: int | None = None,
+    token_budget: int | None = None,
+    project: Project = HERE,
+    data_version: str | None = None,
+    prepare: bool = True,
+) -> dict:
+    """Methods side by side on one data version, one base model and one token budget, N seeds each:
+    each run an MLflow child run of one parent run; a leaderboard (CSV, Markdown, HTML) with plots of
+    quality vs trainable parameters, vs peak memory, and tokens/s; nothing is registered.
 
     Args:
-        methods: PEFT methods to compare (names of params/methods/*.yaml)
+        methods: methods to compare; empty: params' compare.methods, else every method in params/methods/
+        seeds: runs per method (seeds seed, seed+1, ...); empty: params' compare.seeds, else 3 on CUDA, 1 on CPU
+        token_budget: training tokens per run; empty: params' compare.token_budget
         project: the project folder, its params folder and KEY.PATH=VALUE overrides
+        data_version: a DVC hash or data version to compare on; empty: the workspace's data
+        prepare: run `dvc repro` first (off inside a DVC stage, which has its data already)
     """
-    results = experiment(methods, project)
-    steps.publish_leaderboard(project, results)
-    return results
+    data = prepare_data(project, data_version) if prepare else steps.workspace_data(project)
+    plan = steps.compare_plan(project, data, methods, seeds, token_budget)
+    parent = steps.compare_start(project, plan, data)
+    records = []
+    try:
+        for run in plan.runs:
+            run_id, metrics, error = None, None, None
+            try:
+                run_id = finetune_run(run, data, project, parent)
+                metrics = steps.evaluate(project, run_id, data)
+            except Exception as e:  # the others still run; the report names it, the flow fails at the end
+                error = e
+            records.append(compare_core.record(run, run_id, metrics, error))
+        report = steps.compare_finish(project, plan, data, records, parent)
+    except BaseException:
+        steps.compare_abort(project, parent)
+        raise
+    steps.publish_compare(project, report)
+    if report["failed"]:
+        raise compare_core.ComparisonFailed(report["failed"])
+    return report
+
+
+def finetune_run(run: compare_core.Run, data: DataVersion, project: Project, parent: str) -> str:
+    """One comparison run: its seed and step budget on top of the project's overrides, a child of ``parent``."""
+    return steps.finetune.with_options(task_run_name=f"finetune-{run.method}-seed{run.seed}")(
+        compare_core.run_project(project, run), run.method, data, compare_core.child_tags(parent, run)
+    )
 
 
 @flow(name="nightly-retrain")

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from peftflow import nightly, pipeline, registry, report, tracking
+from peftflow import compare, leaderboard, nightly, pipeline, registry, report, tracking
 from peftflow import reproduce as reproduce_core
 from peftflow.pipeline import DataVersion, Project
 
@@ -26,8 +26,8 @@ def prepare_data(project: Project, version: str | None = None) -> DataVersion:
 
 
 @task(name="finetune", cache_policy=NO_CACHE, task_run_name="finetune-{method}")
-def finetune(project: Project, method: str, data_version: DataVersion) -> str:
-    run_id = pipeline.finetune(project, method, data_version, _prefect_tags())
+def finetune(project: Project, method: str, data_version: DataVersion, tags: dict[str, str] | None = None) -> str:
+    run_id = pipeline.finetune(project, method, data_version, {**_prefect_tags(), **(tags or {})})
     get_run_logger().info("%s trained: MLflow run %s", method, run_id)
     return run_id
 
@@ -110,7 +110,58 @@ def publish(
         create_table_artifact(table, key=f"{key}-results", description="test split")
 
 
-@task(name="publish-leaderboard", cache_policy=NO_CACHE)
-def publish_leaderboard(project: Project, results: list[dict[str, Any]]) -> None:
-    """The methods ranked by the promotion metric, as a table artifact (key ``leaderboard``)."""
-    create_table_artifact(report.leaderboard(project, results), key="leaderboard", description="best first")
+@task(name="workspace-data", cache_policy=NO_CACHE)
+def workspace_data(project: Project) -> DataVersion:
+    """The workspace's prepared data as it is (no `dvc repro`: inside a DVC stage it is a dependency)."""
+    version = pipeline.prepare_data(project, repro=False)
+    get_run_logger().info("data version %s (DVC %s), %s", version.version, version.dvc_md5, version.rows)
+    return version
+
+
+@task(name="compare-plan", cache_policy=NO_CACHE)
+def compare_plan(
+    project: Project, data_version: DataVersion, methods: list[str] | None, seeds: int | None, budget: int | None
+) -> compare.Plan:
+    plan = compare.plan(project, data_version, methods, seeds, budget)
+    steps = ", ".join(f"{r.method}/{r.seed}: {r.max_steps}" for r in plan.runs)
+    get_run_logger().info("%d runs of %s tokens on %s; steps %s", len(plan.runs), f"{plan.token_budget:,}",
+                          plan.device, steps)  # fmt: skip
+    return plan
+
+
+@task(name="compare-start", cache_policy=NO_CACHE)
+def compare_start(project: Project, plan: compare.Plan, data_version: DataVersion) -> str:
+    run_id = compare.start(project, plan, data_version, _prefect_tags())
+    get_run_logger().info("comparison: MLflow parent run %s", run_id)
+    return run_id
+
+
+@task(name="compare-finish", cache_policy=NO_CACHE)
+def compare_finish(
+    project: Project, plan: compare.Plan, data_version: DataVersion, records: list[dict], parent: str
+) -> dict[str, Any]:
+    report = compare.finish(project, plan, data_version, records, parent)
+    for line in report["notes"]:
+        get_run_logger().info("%s", line)
+    return report
+
+
+@task(name="compare-abort", cache_policy=NO_CACHE)
+def compare_abort(project: Project, parent: str) -> None:
+    compare.abort(project, parent)
+
+
+@task(name="publish-compare", cache_policy=NO_CACHE)
+def publish_compare(project: Project, report: dict[str, Any]) -> None:
+    """The leaderboard as a table artifact (key ``compare-leaderboard``) and a Markdown summary
+    (``compare-summary``: notes, table, where the files and the MLflow parent run are)."""
+    params = project.params(None)
+    metric = params.promote.metric
+    table = [{k: v for k, v in r.items() if k != "run_ids"} for r in report["table"]]
+    create_table_artifact(table, key="compare-leaderboard", description=f"best first by {metric}")
+    _, experiment_id = tracking.connect(params, project.root)
+    link = tracking.run_url(params, project.root, report["parent_run_id"], experiment_id)
+    text = "# compare\n\n" + "".join(f"- {n}\n" for n in report["notes"])
+    text += f"- files: `{report['out_dir']}` (leaderboard.csv/.md/.html, plots); [MLflow parent run]({link})\n\n"
+    text += leaderboard.to_markdown(report["table"], metric)
+    create_markdown_artifact(text, key="compare-summary", description="quality vs compute")

@@ -62,6 +62,8 @@ def make_project(root: Path, model_dir: Path | None, n_rows: int = 160) -> Path:
         "train.save_every": 0,
         "train.log_every": 2,
         "eval.batch_size": 16,
+        "compare.methods": ["lora", "ia3"],  # the compare stage of a full `dvc repro`
+        "compare.token_budget": 1500,
     }
     if model_dir is not None:
         base["model.name_or_path"] = str(model_dir)

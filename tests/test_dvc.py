@@ -17,11 +17,14 @@ def test_dvc_repro_exp_run_and_push_pull(tmp_path, tiny_model_dir):
     dvc = f"{BIN}/dvc"
 
     out = run([dvc, "repro"], root).stdout
-    for stage in ("base_model", "prepare", "rlhf_prepare", "train@lora", "evaluate@lora", "compare"):
+    for stage in ("base_model", "prepare", "rlhf_prepare", "train@lora", "evaluate@lora", "leaderboard", "compare"):
         assert f"Running stage '{stage}'" in out, out[-2000:]
     metrics = json.loads((root / "metrics" / "lora.json").read_text())
     assert metrics["test_loss"] < metrics["zeroshot"]["test_loss"]
-    assert "| lora |" in (root / "reports" / "leaderboard.md").read_text()
+    assert "| lora |" in (root / "reports" / "leaderboard" / "leaderboard.md").read_text()
+    board = (root / "reports" / "compare" / "leaderboard.md").read_text()  # the compare flow, run by DVC
+    assert "| lora | 1 |" in board and "| ia3 | 1 |" in board
+    assert (root / "reports" / "compare" / "quality_vs_params.png").is_file()
     assert "Data and pipelines are up to date" in run([dvc, "status"], root).stdout
     assert "Running stage" not in run([dvc, "repro"], root).stdout
 
@@ -29,7 +32,7 @@ def test_dvc_repro_exp_run_and_push_pull(tmp_path, tiny_model_dir):
     out = run([dvc, "exp", "run", "-S", "params/methods/lora.yaml:method.r=4"], root).stdout
     assert "Stage 'prepare' didn't change, skipping" in out and "Stage 'base_model' didn't change" in out
     assert "Running stage 'train@lora'" in out and "Running stage 'evaluate@lora'" in out
-    assert "Running stage 'compare'" in out
+    assert "Running stage 'leaderboard'" in out and "Running stage 'compare'" in out
     assert yaml.safe_load((root / "runs" / "lora" / "params.yaml").read_text())["method"]["r"] == 4
 
     manifest = (root / "data" / "prepared" / "manifest.json").read_text()

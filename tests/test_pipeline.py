@@ -16,7 +16,7 @@ from peftflow.config import ParamsError
 from peftflow.pipeline import Project
 from peftflow.reproduce import reproduce
 from tests.conftest import make_rows
-from tests.project import BIN, commit, make_project
+from tests.project import BIN, commit, make_project, set_keys
 
 MODEL = "peftflow-sentiment"
 
@@ -239,20 +239,92 @@ def test_nightly_check_skips_only_when_nothing_that_trains_changed(project, harn
         nightly.check(base, ["nope"], version)
 
 
-def test_compare_flow_publishes_a_leaderboard_best_first(project, harness):
+def test_compare_flow_runs_methods_on_one_budget_and_writes_the_leaderboard(project, harness):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.pipeline import compare
 
-    results = compare(methods=["ia3", "lora"], project=Project(root=project, overrides=["train.max_steps=4"]))
-    assert [r["method"] for r in results] == ["ia3", "lora"]  # trained in the order given
-    with get_client(sync_client=True) as client:
-        (board,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["leaderboard"])))
-    rows = json.loads(board.data) if isinstance(board.data, str) else board.data
-    accuracy = {r["method"]: r["metrics"]["test_accuracy"] for r in results}
-    assert [row["method"] for row in rows] == sorted(accuracy, key=accuracy.get, reverse=True)
-    assert [row["rank"] for row in rows] == [1, 2] and all("/#/experiments/" in row["mlflow_run"] for row in rows)
+    budget = 2000  # tokens: a few steps of the tiny model, more for the smaller batch below
+    methods = ["lora", "ia3", "prompt"]
+    overrides = ["train.eval_every=0"]
+    prompt_file = project / "params" / "methods" / "prompt.yaml"
+    saved = prompt_file.read_text()
+    set_keys(prompt_file, {"train.batch_size": 4})  # another batch size: more steps, the same tokens
+    try:
+        report = compare(methods, seeds=2, token_budget=budget, project=Project(root=project, overrides=overrides))
+    finally:
+        prompt_file.write_text(saved)
+
+    out = project / "reports" / "compare"
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "runs.csv", "quality_vs_params.png",
+                 "quality_vs_memory.png", "tokens_per_s.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    client = _client(project)
+    parent = client.get_run(report["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["peftflow.compare"] == "parent"
+    assert parent.data.params["compare.token_budget"] == str(budget)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {
+        "compare/leaderboard.html", "compare/quality_vs_params.png", "compare/leaderboard.csv"}  # fmt: skip
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted((c.data.tags["peftflow.method"], c.data.tags["peftflow.seed"]) for c in children) == sorted(
+        (m, s) for m in methods for s in ("42", "43")
+    )
+    for c in children:  # every run saw the budget, and not a whole step more than it
+        tokens, steps = c.data.metrics["train_tokens"], c.data.metrics["steps"]
+        assert budget <= tokens < budget * (1 + 1.5 / steps), (c.data.tags["peftflow.method"], tokens, steps)
+        assert c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics
+    steps = {c.data.tags["peftflow.method"]: c.data.metrics["steps"] for c in children}
+    assert steps["prompt"] > 1.5 * steps["lora"]  # batch 4 vs 8
+
+    table = report["table"]
+    assert table[0]["method"] == "base (zero-shot)" and [r["rank"] for r in table] == [0, 1, 2, 3]
+    means = [r["test_accuracy_mean"] for r in table[1:]]
+    assert means == sorted(means, reverse=True) and all(r["runs"] == 2 for r in table[1:])
+    assert any(r["frontier_params"] for r in table[1:]) and any(r["frontier_memory"] for r in table[1:])
+    with get_client(sync_client=True) as prefect:
+        keys = ArtifactFilter(key=ArtifactFilterKey(any_=["compare-leaderboard", "compare-summary"]))
+        artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=keys)}
+    rows = artifacts["compare-leaderboard"].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [r["method"] for r in rows] == [r["method"] for r in table]
+    summary = artifacts["compare-summary"].data
+    assert "efficient frontier, test_accuracy vs trainable parameters:" in summary and "MLflow parent run" in summary
+
+
+def test_compare_flow_reports_a_failed_method_and_fails(project, harness):
+    from flows.pipeline import compare
+    from peftflow.compare import ComparisonFailed
+
+    freeze = project / "params" / "methods" / "freeze.yaml"
+    saved = freeze.read_text()
+    set_keys(freeze, {"method.last_n_blocks": 9})  # the tiny model has 2 blocks: fails when applied
+    try:
+        with pytest.raises(ComparisonFailed, match=r"1 of 2 comparison runs failed: freeze \(seed 42\): .*9"):
+            compare(methods=["freeze", "ia3"], token_budget=1000, project=Project(root=project))
+    finally:
+        freeze.write_text(saved)
+    rows = (project / "reports" / "compare" / "leaderboard.md").read_text()
+    assert "| 1 | ia3 |" in rows and "| - | freeze | 0 | failed: " in rows
+    client = _client(project)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("peftflow").experiment_id],
+        filter_string="tags.`peftflow.compare` = 'parent' and params.`compare.methods` = 'freeze,ia3'",
+    )
+    assert parent.info.status == "FAILED"
+
+
+def test_compare_command_refuses_a_budget_below_the_warmup(project, harness):
+    from typer.testing import CliRunner
+
+    from flows.__main__ import app
+
+    args = ["compare", "-m", "lora", "--token-budget", "10", "--root", str(project), "-s", "train.warmup_steps=3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "compare.token_budget: 10 tokens is 1 steps of lora" in result.output
 
 
 def test_experiment_command_line_prints_the_results(project, harness):

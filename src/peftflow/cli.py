@@ -177,27 +177,46 @@ def evaluate(
     console.print(f"base model: {result['base_model']}\nmetrics written to {run / 'metrics.json'}")
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def compare(ctx: typer.Context) -> None:
+    """Every method on one data version and token budget, N seeds: leaderboard (CSV, Markdown, HTML)
+    and plots of quality vs compute; options: `peftflow compare --help`."""
+    from flows.__main__ import app as flows_app  # the compare flow (Prefect); the core never imports Prefect
+
+    flows_app(["compare", *ctx.args], prog_name="peftflow")
+
+
 @app.command()
-def compare(
+def leaderboard(
     metrics_dir: Annotated[Path, typer.Option(help="Folder of <method>.json metrics files.")] = Path("metrics"),
-    out: Annotated[Path, typer.Option(help="Where to write the Markdown leaderboard.")] = Path(
-        "reports/leaderboard.md"
+    out_dir: Annotated[Path, typer.Option(help="Where to write the leaderboard and plots.")] = Path(
+        "reports/leaderboard"
     ),
     params_dir: ParamsDir = Path("params"),
     overrides: Overrides = None,
 ) -> None:
-    """Rank the evaluated methods by the promotion metric: quality beside cost, as a Markdown table."""
-    from peftflow.compare import leaderboard, markdown
+    """The leaderboard and plots of the metrics files `peftflow evaluate --metrics-out` wrote (the
+    train@/evaluate@ stages of dvc.yaml), ranked by the promotion metric."""
+    from peftflow import compare as core
+    from peftflow import leaderboard as board
 
     files = sorted(metrics_dir.glob("*.json"))
     if not files:
         _fail(f"{metrics_dir}: no metrics files; run `peftflow evaluate --metrics-out {metrics_dir}/<method>.json`")
     params = _project_params(params_dir, overrides)
-    table = markdown(run_or_exit(leaderboard, files, params.promote))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    console.print(table, highlight=False)
-    console.print(f"leaderboard written to {out}")
+    records = run_or_exit(core.from_metrics_files, files)
+    table = run_or_exit(board.rows, records, params.promote)
+    metric = params.promote.metric
+    lines = [f"{len(files)} metrics files from {metrics_dir}, ranked by {metric}"]
+    lines += [f"efficient frontier, {metric} vs {what}: {', '.join(board.frontier_methods(table, axis)) or 'none'}"
+              for axis, what in (("params", "trainable parameters"), ("memory", "peak memory"))]  # fmt: skip
+    core.write_report(out_dir, table, records, metric, "peftflow leaderboard", lines)
+    console.print(board.to_markdown(table, metric), highlight=False)
+    for line in lines[1:]:
+        console.print(line, highlight=False)
+    console.print(f"leaderboard and plots written to {out_dir}/")
 
 
 @app.command()
@@ -290,7 +309,7 @@ def show_params(
 )
 def serve(ctx: typer.Context) -> None:
     """Prefect server + MLflow UI on 127.0.0.1 and the deployments (experiment, compare,
-    nightly-retrain); options: `peftflow serve --help`."""
+    nightly-retrain, rlhf); options: `peftflow serve --help`."""
     from flows.__main__ import app as flows_app  # the Prefect shell; the core never imports Prefect
 
     flows_app(["serve", *ctx.args], prog_name="peftflow")

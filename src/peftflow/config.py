@@ -147,6 +147,22 @@ class NightlyParams(Strict):
         return self
 
 
+class CompareParams(Strict):
+    """`peftflow compare` / the compare flow: methods on one data version, model and token budget."""
+
+    methods: list[str] = []  # empty: every method with a params file in params/methods/
+    seeds: int | None = Field(None, ge=1)  # runs per method (seed, seed+1, ...); null: 3 on CUDA, 1 on CPU
+    token_budget: int = Field(30_000, ge=1)  # training tokens per run (prompt + answer, no padding)
+    out_dir: Path = Path("reports/compare")  # leaderboard (CSV, Markdown, HTML) and plots, relative to the project
+
+    @model_validator(mode="after")
+    def _known(self) -> CompareParams:
+        unknown = sorted(set(self.methods) - set(method_names()))
+        if unknown:
+            raise ValueError(f"methods {unknown}: unknown; known: {', '.join(method_names())}")
+        return self
+
+
 class Params(Strict):
     seed: int = 42
     model: ModelParams = ModelParams()
@@ -156,6 +172,7 @@ class Params(Strict):
     tracking: TrackingParams = TrackingParams()
     promote: PromoteParams = PromoteParams()
     nightly: NightlyParams = NightlyParams()
+    compare: CompareParams = CompareParams()
     # None only for stages that use no method (data preparation)
     method: SerializeAsAny[MethodParams] | None = None
     rlhf: RlhfParams | None = None  # the RLHF chain's stages only (params/rlhf/)

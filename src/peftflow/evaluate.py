@@ -211,6 +211,7 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
                 "trainable_pct",
                 "tokens_per_s",
                 "train_seconds",
+                "train_tokens",
                 "wall_seconds",
                 "peak_memory_bytes",
                 "artifact_bytes",

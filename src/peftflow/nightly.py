@@ -22,7 +22,7 @@ from peftflow.config import flatten
 from peftflow.pipeline import DataVersion, Project
 
 TAG = "peftflow.nightly"
-_NOT_TRAINING = ("tracking", "nightly", "promote")  # where, when and what wins: not what is trained
+_NOT_TRAINING = ("tracking", "nightly", "promote", "compare")  # where, when, what wins: not what is trained
 _PER_RUN = ("train.run_name", "data.out_dir")  # set per run; the data is identified by its hash
 
 

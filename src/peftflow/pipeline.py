@@ -64,17 +64,20 @@ def check_overrides(overrides: list[str]) -> None:
             )
 
 
-def prepare_data(project: Project, version: str | None = None) -> DataVersion:
+def prepare_data(project: Project, version: str | None = None, repro: bool = True) -> DataVersion:
     """The data to train on, pushed to the DVC remote: with ``version`` None, the workspace's
     (``dvc repro`` of the base model (embedded only) and prepared data); else that earlier data
     version (its DVC hash, or the data version a logged run names), restored from the DVC cache or
-    remote into ``<train.output_dir>/data/<hash>``."""
+    remote into ``<train.output_dir>/data/<hash>``. ``repro=False``: the workspace's data as it is,
+    neither reproduced nor pushed (for a caller that is itself a DVC stage, which holds DVC's lock)."""
     check_overrides(project.overrides)
     params = project.params(None)
-    targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["prepare"]
-    ran = versioning.repro(project.root, targets)
-    log.info("dvc repro %s: %s", " ".join(targets), f"ran {', '.join(ran)}" if ran else "all up to date")
-    versioning.push(project.root, ["prepare"])
+    ran: list[str] = []
+    if repro:
+        targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["prepare"]
+        ran = versioning.repro(project.root, targets)
+        log.info("dvc repro %s: %s", " ".join(targets), f"ran {', '.join(ran)}" if ran else "all up to date")
+        versioning.push(project.root, ["prepare"])
     out_dir, md5 = params.data.out_dir, versioning.out_hash(project.root, str(params.data.out_dir))
     if version and version not in (md5, data.read_manifest(project.root / out_dir)["version"]):
         md5 = _dvc_hash_of(project, version)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftflow import compare, tracking
+from peftflow import leaderboard, tracking
 from peftflow.pipeline import DataVersion, Project
 
 
@@ -38,19 +38,6 @@ def rows(project: Project, results: list[dict[str, Any]]) -> list[dict[str, Any]
             }
         )
     return out
-
-
-def leaderboard(project: Project, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`rows`, best first by the promotion metric (the registry's notion of better)."""
-    policy = project.params(None).promote
-    missing = [r["method"] for r in results if policy.metric not in r["metrics"]]
-    if missing:
-        raise KeyError(f"no {policy.metric!r} (the promotion metric) for {', '.join(missing)}")
-    order = sorted(
-        range(len(results)), key=lambda i: results[i]["metrics"][policy.metric], reverse=policy.higher_is_better
-    )
-    table = rows(project, results)
-    return [{"rank": n + 1, **table[i]} for n, i in enumerate(order)]
 
 
 def _champion(c: dict[str, Any] | None, metric: str) -> str:
@@ -85,19 +72,10 @@ def markdown(
     ]
     if results:
         links = links or _links(project, results)
-        board = [
-            {
-                **r["metrics"],
-                "method": r["method"],
-                "zeroshot": {
-                    k: r["metrics"][f"zeroshot_{k}"]
-                    for k in ("test_accuracy", "test_loss")
-                    if f"zeroshot_{k}" in r["metrics"]
-                },
-            }
-            for r in results
-        ]
-        lines += ["", "## Results (test split)", "", compare.markdown(board), "## Outcome", ""]
+        records = [{"method": r["method"], "seed": "", "run_id": r["run_id"], "metrics": r["metrics"], "error": None}
+                   for r in results]  # fmt: skip
+        table = leaderboard.rows(records, project.params(None).promote)
+        lines += ["", "## Results (test split)", "", leaderboard.to_markdown(table, metric), "## Outcome", ""]
         for r in results:
             verdict = "promoted to champion" if r["promoted"] else "kept as candidate"
             lines.append(

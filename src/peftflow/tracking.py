@@ -56,6 +56,7 @@ TRAIN_METRICS = (
     "trainable_pct",
     "tokens_per_s",
     "train_seconds",
+    "train_tokens",
 )
 # the metrics reproduce checks (efficiency figures vary with the machine's load)
 QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
@@ -206,7 +207,12 @@ def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, s
 
 def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
     """The resolved params, flattened (``train.lr``), as the run's MLflow params."""
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params.to_dict()).items()]
+    log_param_dict(client, run_id, flatten(params.to_dict()))
+
+
+def log_param_dict(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+    """Flat ``{key: value}`` as MLflow params (values as text, cut to the store's limit)."""
+    flat = [Param(k, str(v)[:6000]) for k, v in values.items()]
     for i in range(0, len(flat), 100):  # the store takes at most 100 params per batch
         client.log_batch(run_id, params=flat[i : i + 100])
 

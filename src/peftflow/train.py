@@ -14,6 +14,9 @@ is simpler to guarantee when the loop owns the sampler.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -174,6 +177,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method=None, params
 # settings that change what is computed, not only when it is logged, evaluated or saved
 _NOT_TRAJECTORY = {
     "eval",
+    "compare",
     "tracking",
     "promote",
     "train.eval_every",
@@ -199,10 +203,16 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def reset_peak_memory() -> None:
     """Start a new peak-memory window, so a run's figure is its own and not the process's
     (a flow trains several methods in one process). On Linux, writing 5 to clear_refs resets
-    the process's peak resident set size (VmHWM)."""
+    the process's peak resident set size (VmHWM) to the current one, after freed memory has been
+    returned to the OS (gc, then glibc's malloc_trim); what the process still holds (the
+    libraries, Python objects) stays in every run's figure."""
+    gc.collect()  # what an earlier run in this process left must not count as this run's
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return
+    with contextlib.suppress(OSError, AttributeError):  # glibc: hand freed heap pages back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:  # not Linux, or not allowed: the figure stays the process's lifetime peak
