@@ -139,3 +139,28 @@ def test_records_from_metrics_files_name_a_bad_file(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="x.json: not a metrics file"):
         compare.from_metrics_files([bad])
+
+
+def test_leaderboard_command_builds_the_report_from_metrics_files(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from peftflow.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params").mkdir()
+    for name in ("base.yaml", "data.yaml"):
+        (tmp_path / "params" / name).write_text("{}\n")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    zs = {"test_accuracy": 0.75, "test_loss": 1.7}
+    for method, acc, params in (("lora", 0.88, 4_884_480), ("ia3", 0.87, 57_600)):
+        result = {"method": method, "test_accuracy": acc, "test_loss": 0.15, "zeroshot": zs,
+                  "trainable_params": params, "peak_memory_bytes": 3 * GiB, "tokens_per_s": 200.0}  # fmt: skip
+        (metrics / f"{method}.json").write_text(json.dumps(result))
+    out = CliRunner().invoke(app, ["leaderboard"])
+    assert out.exit_code == 0, out.output
+    assert "efficient frontier, test_accuracy vs trainable parameters: ia3, lora" in out.output
+    md = (tmp_path / "reports" / "leaderboard" / "leaderboard.md").read_text()
+    assert md.index("| lora |") < md.index("| ia3 |") and (tmp_path / "reports/leaderboard/tokens_per_s.png").is_file()
+    empty = CliRunner().invoke(app, ["leaderboard", "--metrics-dir", "nothing"])
+    assert empty.exit_code == 2 and "nothing: no metrics files" in empty.output

@@ -196,3 +196,23 @@ def test_adalora_takes_its_schedule_from_the_run(tiny_params):
     assert params.method.total_step == 40
     with pytest.raises(ValueError, match=r"method adalora: tinit_fraction \+ tfinal_fraction: leave no pruning phase"):
         build_model(tiny_params("adalora", "method.tinit_fraction=0.5", "method.tfinal_fraction=0.5"))
+
+
+def test_ptuning_v2_text_init_is_the_text_as_a_prefix(tiny_params):
+    """Initialized from a text, the deep prompt is exactly that text's keys and values: the model
+    continues an input as the base model continues text + input (and random init does not)."""
+    text = "Classify the sentiment of this review."
+    params = tiny_params("ptuning_v2", f"method.init_text={text}")
+    tokenizer = load_tokenizer(params.model)
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    params = tiny_params("ptuning_v2", f"method.init_text={text}", f"method.num_virtual_tokens={len(text_ids)}")
+    x = tokenizer(" a gorgeous, moving film", add_special_tokens=False)["input_ids"]
+    base = load_base_model(params.model).eval()
+    with torch.no_grad():
+        expected = base(input_ids=torch.tensor([text_ids + x])).logits[0, len(text_ids) :]
+        model = build_model(params).eval()
+        got = model(input_ids=torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long)).logits[0]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        random = build_model(tiny_params("ptuning_v2", "method.init=random")).eval()
+        noise = random(input_ids=torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long)).logits[0]
+    assert (noise - expected).abs().max() > 0.1
