@@ -36,7 +36,7 @@ demo: setup
 # Every method on the embedded default, one token budget (params: compare.*): the leaderboard (CSV,
 # Markdown, HTML) and plots in reports/compare/, each run an MLflow child run of one parent run.
 compare: setup
-	$(RUN_ENV) $(BIN)/python -m flows compare
+	$(RUN_ENV) $(BIN)/peftflow compare
 
 # The RLHF chain on the embedded default: SFT -> reward model -> PPO, and DPO (stages already
 # registered with the same params, data and inputs are reused).
