@@ -70,8 +70,6 @@ def compare(
 ) -> None:
     """Every method on one data version, base model and token budget: a leaderboard (CSV, Markdown,
     HTML) and plots of quality vs trainable parameters, vs peak memory, and tokens/s."""
-    from rich.console import Console
-
     from flows.pipeline import compare as flow
     from peftflow import leaderboard
     from peftflow.cli import run_or_exit
@@ -82,7 +80,6 @@ def compare(
     run_or_exit(check_overrides, project.overrides)  # bad input: one line, before any flow run starts
     for name in method or []:
         run_or_exit(project.params, name)
-    console = Console()
     try:
         report = run_or_exit(flow, methods=method or None, seeds=seeds, token_budget=token_budget,
                              project=project, data_version=data_version, prepare=prepare)  # fmt: skip
@@ -90,10 +87,10 @@ def compare(
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
     metric = project.params(None).promote.metric
-    console.print(leaderboard.to_markdown(report["table"], metric), highlight=False)
+    typer.echo(leaderboard.to_markdown(report["table"], metric))  # not wrapped: it is Markdown, to paste
     for line in report["notes"]:
-        console.print(f"- {line}", highlight=False)
-    console.print(f"leaderboard (CSV, Markdown, HTML) and plots in {report['out_dir']}/")
+        typer.echo(f"- {line}")
+    typer.echo(f"leaderboard (CSV, Markdown, HTML) and plots in {report['out_dir']}/")
 
 
 def results_table(results: list[dict]):

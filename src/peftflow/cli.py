@@ -213,10 +213,10 @@ def leaderboard(
     lines += [f"efficient frontier, {metric} vs {what}: {', '.join(board.frontier_methods(table, axis)) or 'none'}"
               for axis, what in (("params", "trainable parameters"), ("memory", "peak memory"))]  # fmt: skip
     core.write_report(out_dir, table, records, metric, "peftflow leaderboard", lines)
-    console.print(board.to_markdown(table, metric), highlight=False)
+    typer.echo(board.to_markdown(table, metric))  # not wrapped: it is Markdown, to paste
     for line in lines[1:]:
-        console.print(line, highlight=False)
-    console.print(f"leaderboard and plots written to {out_dir}/")
+        typer.echo(line)
+    typer.echo(f"leaderboard and plots written to {out_dir}/")
 
 
 @app.command()
