@@ -1,16 +1,23 @@
-"""One training step of peftflow's core against a plain transformers + peft loop, in one process.
+"""Per method: one training step of peftflow's core against a plain transformers + peft loop, in one
+process, on the same model, batches and sequence length; prints tokens/s and peak memory, and ratios.
 
 Both sides train the same randomly initialized Llama-shaped model (weights do not change speed)
-with the same method, optimizer and batches of prompt + short answer. The plain loop is what a
-user writes by hand: right padding, ``model(..., labels=...)`` (full-sequence logits).
-peftflow's step is :func:`peftflow.train.optimizer_step`, the one ``peftflow train`` runs.
+with the same method (``peftflow.methods``: the peft config or hand-written module peftflow uses),
+the same optimizer (the method's: paged AdamW for QLoRA on CUDA, else AdamW) and batches of prompt
++ short answer. The plain loop is what a user writes by hand: right padding, ``model(...,
+labels=...)`` (full-sequence logits). peftflow's step is :func:`peftflow.train.optimizer_step`, the
+one ``peftflow train`` runs. CUDA: fp32 weights, bf16 autocast (as ``peftflow train``); CPU: fp32.
+Peak memory: CUDA max allocated; CPU peak RSS, reset before each measurement (it includes what the
+process holds anyway, so CPU ratios understate the difference).
 
-    python bench/step_bench.py                       # CPU: a small model, LoRA and full
-    SIZE=smol135m METHODS=lora python bench/step_bench.py   # the embedded model's shape
-    SIZE=1b SEQ=1024 BATCH=8 python bench/step_bench.py     # on CUDA (bf16 autocast)
+    python bench/step_bench.py                                     # CPU: a small model, every method
+    SIZE=smol135m METHODS=lora,ia3 python bench/step_bench.py      # the embedded model's shape
+    SIZE=1b SEQ=1024 BATCH=8 ANSWER=2 python bench/step_bench.py  # CUDA: Llama-shaped 1.1B
 
-Environment: SIZE (tiny | smol135m | 1b), METHODS (comma list), BATCH, SEQ (prompt tokens),
-ANSWER (answer tokens), STEPS, WARM. Prints one JSON line per (method, loop) and the ratios.
+Environment: SIZE (tiny | smol135m | 1b), METHODS (comma list; default every method), BATCH, SEQ
+(prompt tokens), ANSWER (answer tokens), STEPS, WARM, ORDER (``peftflow,plain`` to measure peftflow
+first: a check that the order does not favour either side). Prints one JSON line per (method, loop), then a
+Markdown table with the ratios (peftflow / plain).
 """
 
 from __future__ import annotations
@@ -18,26 +25,29 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
+from functools import cache
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
-from peftflow.methods import get_method
+from peftflow.methods import get_method, method_names
 from peftflow.tokens import Encoded, collate
-from peftflow.train import count_parameters, optimizer_step
+from peftflow.train import count_parameters, optimizer_step, peak_memory_bytes, reset_peak_memory
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (256, 4, 4, 2, 768, 49152),
     "smol135m": (576, 30, 9, 3, 1536, 49152),
-    "1b": (2048, 22, 32, 4, 5632, 32000),
+    "1b": (2048, 22, 32, 4, 5632, 32000),  # TinyLlama-1.1B's shape
 }
 
 
-def build(size: str, method: str, device) -> torch.nn.Module:
+def config(size: str) -> LlamaConfig:
     h, n_layers, heads, kv, inter, vocab = SIZES[size]
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=h,
         num_hidden_layers=n_layers,
         num_attention_heads=heads,
@@ -47,9 +57,48 @@ def build(size: str, method: str, device) -> torch.nn.Module:
         tie_word_embeddings=size != "1b",
         max_position_embeddings=4096,
     )
+
+
+@cache
+def saved(size: str) -> Path:
+    """The random model on disk, for methods that must load it (QLoRA quantizes while loading)."""
+    out = Path(tempfile.mkdtemp(prefix=f"step-bench-{size}-"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config(size)).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def method_params(method: str, steps: int):
+    """The method's defaults, made to fit a model with no tokenizer: soft prompts start at random
+    (the init does not change a step's cost) and AdaLoRA's schedule spans the timed steps."""
+    params = get_method(method).Params()
+    fields = type(params).model_fields
+    update = {"init": "random"} if "init" in fields and "random" in str(fields["init"].annotation) else {}
+    if "total_step" in fields:
+        update["total_step"] = steps
+    return params.model_copy(update=update)
+
+
+def build(size: str, method: str, device, steps: int) -> torch.nn.Module:
     torch.manual_seed(0)
     m = get_method(method)
-    return m.apply(LlamaForCausalLM(config), m.Params()).to(device)
+    params = method_params(method, steps)
+    load_kwargs = m.hook("load_kwargs")
+    if load_kwargs is not None:  # quantized on load, placed by bitsandbytes
+        kwargs = load_kwargs(params)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": 0}
+        base = LlamaForCausalLM.from_pretrained(saved(size), dtype=torch.float32, **kwargs)
+        return m.apply(base, params)
+    return m.apply(LlamaForCausalLM(config(size)), params).to(device)
+
+
+def make_optimizer(model, method: str, steps: int) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    custom = get_method(method).hook("optimizer")
+    if custom is None:
+        return torch.optim.AdamW(trainable, lr=1e-4)
+    return custom(trainable, 1e-4, 0.0, method_params(method, steps))
 
 
 def batches(n: int, batch: int, seq: int, answer: int, vocab: int) -> list[list[Encoded]]:
@@ -87,12 +136,11 @@ def plain_step(model, rows: list[Encoded], optimizer, scheduler, device, autocas
 
 
 def measure(size, method, loop, data, warm, device) -> dict:
-    model = build(size, method, device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    reset_peak_memory()
+    model = build(size, method, device, len(data)).train()
+    optimizer = make_optimizer(model, method, len(data))
     scheduler = get_scheduler("constant", optimizer)
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times, tokens = [], 0
     for i, rows in enumerate(data):
         if device.type == "cuda":
@@ -115,9 +163,8 @@ def measure(size, method, loop, data, warm, device) -> dict:
         "trainable": count_parameters(model)[0],
         "step_s_median": statistics.median(times),
         "tokens_per_s": tokens / sum(times),
+        "peak_gib": peak_memory_bytes() / 2**30,
     }
-    if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, optimizer
     return result
 
@@ -125,24 +172,36 @@ def measure(size, method, loop, data, warm, device) -> dict:
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = os.environ.get("SIZE", "tiny")
-    methods = os.environ.get("METHODS", "lora,full").split(",")
+    methods = os.environ.get("METHODS", ",".join(method_names())).split(",")
     batch, seq, answer = (
         int(os.environ.get("BATCH", 16)),
         int(os.environ.get("SEQ", 48)),
         int(os.environ.get("ANSWER", 2)),
     )
     steps, warm = int(os.environ.get("STEPS", 8)), int(os.environ.get("WARM", 2))
+    order = os.environ.get("ORDER", "plain,peftflow").split(",")  # which loop runs first, per method
     data = batches(steps + warm, batch, seq, answer, SIZES[size][5])
+    table = [
+        f"{size}, batch {batch}, prompts {int(0.6 * seq)}-{seq} + {answer} tokens, {device}",
+        "",
+        "| method | trainable | plain tok/s | peftflow tok/s | ratio | plain peak GiB | peftflow peak GiB | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method in methods:
-        rows = {loop: measure(size, method, loop, data, warm, device) for loop in ("plain", "peftflow")}
+        try:
+            rows = {loop: measure(size, method, loop, data, warm, device) for loop in order}
+        except Exception as e:  # e.g. bitsandbytes missing: say so, measure the rest
+            print(json.dumps({"size": size, "method": method, "error": " ".join(str(e).split())[:300]}), flush=True)
+            continue
         for r in rows.values():
             print(json.dumps(r), flush=True)
-        ratio = rows["peftflow"]["tokens_per_s"] / rows["plain"]["tokens_per_s"]
-        line = f"{size} {method}: peftflow {rows['peftflow']['tokens_per_s']:,.0f} tok/s vs plain "
-        line += f"{rows['plain']['tokens_per_s']:,.0f} tok/s -> x{ratio:.2f}"
-        if "peak_gib" in rows["plain"]:
-            line += f"; peak {rows['peftflow']['peak_gib']:.2f} vs {rows['plain']['peak_gib']:.2f} GiB"
-        print(line, flush=True)
+        p, f = rows["plain"], rows["peftflow"]
+        table.append(
+            f"| {method} | {f['trainable']:,} | {p['tokens_per_s']:,.0f} | {f['tokens_per_s']:,.0f} | "
+            f"x{f['tokens_per_s'] / p['tokens_per_s']:.2f} | {p['peak_gib']:.2f} | {f['peak_gib']:.2f} | "
+            f"x{f['peak_gib'] / p['peak_gib']:.2f} |"
+        )
+    print("\n".join(table), flush=True)
 
 
 if __name__ == "__main__":
