@@ -162,10 +162,11 @@ def record(run: Run, run_id: str | None, metrics: dict[str, float] | None, error
 def notes(the_plan: Plan, data_version: DataVersion, table: list[dict[str, Any]], metric: str) -> list[str]:
     """What the leaderboard is, and which methods sit on each frontier, in sentences."""
     steps = sorted({r.max_steps for r in the_plan.runs})
-    span = str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}, by batch size and seed"
+    span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    span += " optimizer steps" + ("" if len(steps) == 1 else ", by seed and batch size")
     out = [
         f"data version {data_version.version} (DVC {data_version.dvc_md5}); device {the_plan.device}",
-        f"token budget {the_plan.token_budget:,} training tokens per run ({span} optimizer steps); "
+        f"token budget {the_plan.token_budget:,} training tokens per run ({span}); "
         f"seeds {', '.join(map(str, the_plan.seeds))}",
         f"ranked by {metric} (mean over seeds, ± sample standard deviation); costs are means over seeds, "
         "peak memory the largest",
