@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from peftflow import compare, leaderboard, nightly, pipeline, registry, report, tracking
+from peftflow import compare, nightly, pipeline, registry, report, tracking
 from peftflow import reproduce as reproduce_core
 from peftflow.pipeline import DataVersion, Project
 
@@ -161,7 +161,6 @@ def publish_compare(project: Project, report: dict[str, Any]) -> None:
     create_table_artifact(table, key="compare-leaderboard", description=f"best first by {metric}")
     _, experiment_id = tracking.connect(params, project.root)
     link = tracking.run_url(params, project.root, report["parent_run_id"], experiment_id)
-    text = "# compare\n\n" + "".join(f"- {n}\n" for n in report["notes"])
-    text += f"- files: `{report['out_dir']}` (leaderboard.csv/.md/.html, plots); [MLflow parent run]({link})\n\n"
-    text += leaderboard.to_markdown(report["table"], metric)
+    where = f"files: `{report['out_dir']}` (leaderboard.csv/.md/.html, plots); [MLflow parent run]({link})"
+    text = compare.summary_markdown("compare", [*report["notes"], where], report["table"], metric)
     create_markdown_artifact(text, key="compare-summary", description="quality vs compute")

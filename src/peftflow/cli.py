@@ -209,9 +209,7 @@ def leaderboard(
     records = run_or_exit(core.from_metrics_files, files)
     table = run_or_exit(board.rows, records, params.promote)
     metric = params.promote.metric
-    lines = [f"{len(files)} metrics files from {metrics_dir}, ranked by {metric}"]
-    lines += [f"efficient frontier, {metric} vs {what}: {', '.join(board.frontier_methods(table, axis)) or 'none'}"
-              for axis, what in (("params", "trainable parameters"), ("memory", "peak memory"))]  # fmt: skip
+    lines = [f"{len(files)} metrics files from {metrics_dir}, ranked by {metric}", *core.frontier_notes(table, metric)]
     core.write_report(out_dir, table, records, metric, "peftflow leaderboard", lines)
     typer.echo(board.to_markdown(table, metric))  # not wrapped: it is Markdown, to paste
     for line in lines[1:]:

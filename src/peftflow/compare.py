@@ -171,12 +171,23 @@ def notes(the_plan: Plan, data_version: DataVersion, table: list[dict[str, Any]]
         f"ranked by {metric} (mean over seeds, ± sample standard deviation); costs are means over seeds, "
         "peak memory the largest",
     ]
-    for axis, what in (("params", "trainable parameters"), ("memory", "peak memory")):
-        on = leaderboard.frontier_methods(table, axis)
-        out.append(f"efficient frontier, {metric} vs {what}: {', '.join(on) or 'none'}")
+    out += frontier_notes(table, metric)
     failed = [r for r in table if r.get("failed")]
     out += [f"{r['method']}: {r['failed']} run(s) failed: {r['error']}" for r in failed]
     return out
+
+
+def frontier_notes(table: list[dict[str, Any]], metric: str) -> list[str]:
+    """One sentence per cost axis: which methods are on its efficient frontier, cheapest first."""
+    return [
+        f"efficient frontier, {metric} vs {what}: {', '.join(leaderboard.frontier_methods(table, axis)) or 'none'}"
+        for axis, what in (("params", "trainable parameters"), ("memory", "peak memory"))
+    ]
+
+
+def summary_markdown(title: str, lines: list[str], table: list[dict[str, Any]], metric: str) -> str:
+    """A heading, the notes as a list, then the leaderboard table."""
+    return f"# {title}\n\n" + "".join(f"- {n}\n" for n in lines) + "\n" + leaderboard.to_markdown(table, metric)
 
 
 def runs_csv(records: list[dict[str, Any]]) -> str:
@@ -201,8 +212,7 @@ def write_report(out_dir: Path, table: list[dict[str, Any]], records: list[dict]
                                   ("memory", "quality vs peak memory"), ("speed", "tokens/s per method"))
         }  # fmt: skip
         (tmp / "leaderboard.csv").write_text(leaderboard.to_csv(table, metric))
-        md = f"# {title}\n\n" + "".join(f"- {n}\n" for n in lines) + "\n" + leaderboard.to_markdown(table, metric)
-        (tmp / "leaderboard.md").write_text(md)
+        (tmp / "leaderboard.md").write_text(summary_markdown(title, lines, table, metric))
         (tmp / "leaderboard.html").write_text(leaderboard.to_html(table, metric, title, lines, encoded))
         (tmp / "runs.csv").write_text(runs_csv(records))
         (tmp / "leaderboard.json").write_text(json.dumps(table, indent=2) + "\n")
