@@ -72,8 +72,7 @@ def steps_for_budget(lengths: list[int], batch_size: int, grad_accum: int, seed:
     tokens, step = 0, 0
     while tokens < budget:
         step += 1
-        for k in range(grad_accum):
-            tokens += sum(lengths[i] for i in sampler.indices((step - 1) * grad_accum + k))
+        tokens += sum(lengths[i] for rows in sampler.step_indices(step, grad_accum) for i in rows)
     return step
 
 

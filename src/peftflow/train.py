@@ -99,6 +99,10 @@ class Sampler:
             batches += [chunk[i] for i in order]
         return batches
 
+    def step_indices(self, step: int, grad_accum: int) -> list[list[int]]:
+        """The micro-batches of optimizer step ``step`` (1-based), ``grad_accum`` of them."""
+        return [self.indices((step - 1) * grad_accum + k) for k in range(grad_accum)]
+
     def indices(self, micro: int) -> list[int]:
         epoch, pos = divmod(micro, self.per_epoch)
         if epoch != self._epoch:
@@ -366,8 +370,8 @@ def train(
         step = state["step"] + 1
         started = time.perf_counter()
         micro = [
-            collate([train_set[i] for i in sampler.indices((step - 1) * cfg.grad_accum + k)], tokenizer.pad_token_id)
-            for k in range(cfg.grad_accum)
+            collate([train_set[i] for i in rows], tokenizer.pad_token_id)
+            for rows in sampler.step_indices(step, cfg.grad_accum)
         ]
         step_loss, step_tokens = optimizer_step(
             model, micro, optimizer, scheduler, accelerator, cfg.max_grad_norm, method, step

@@ -108,8 +108,7 @@ def train(
         model.train()
         started = time.perf_counter()
         loss_sum, acc_sum = 0.0, 0.0
-        for k in range(cfg.grad_accum):
-            rows = sampler.indices((step - 1) * cfg.grad_accum + k)
+        for rows in sampler.step_indices(step, cfg.grad_accum):
             batch = left_pad([chosen[i] for i in rows] + [rejected[i] for i in rows], tokenizer.pad_token_id)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 rewards = model({key: t.to(device) for key, t in batch.items()})
