@@ -1,8 +1,8 @@
 """Saving and loading what a method trained.
 
-PEFT methods save only the adapter (weights + config, through peft's save_pretrained); ``full``
-and ``freeze`` save the whole model. Hand-written methods provide their own ``save``/``load``
-hooks. Every artifact carries ``peftflow.json`` (method name and params), so it describes itself.
+A peft method saves only its adapter (weights + config, through peft's save_pretrained), a
+method that trains the base's own weights saves the whole model, and hand-written methods
+override the contract's ``save``/``load``. Every artifact carries ``peftflow.json`` (method name and params), so it describes itself.
 Saves are atomic: the folder appears under its name only once every file is written.
 """
 
@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from peftflow.atomic import atomic_dir
-from peftflow.methods import Method, MethodParams, get_method, method_names
+from peftflow.methods import Method, MethodParams, get_method, mergeable_names
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MANIFEST = "peftflow.json"
@@ -23,10 +23,7 @@ MANIFEST = "peftflow.json"
 
 def save(model, method: Method, out_dir: Path, params: MethodParams) -> Path:
     with atomic_dir(out_dir) as tmp:
-        if method.hook("save") is not None:
-            method.hook("save")(model, tmp)
-        else:
-            model.save_pretrained(tmp)  # a PeftModel writes the adapter only
+        method.save(model, tmp)
         manifest = {"method": method.name, "params": params.model_dump(mode="json")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
@@ -42,17 +39,27 @@ def read_manifest(out_dir: Path) -> tuple[Method, MethodParams]:
 
 
 def load(base: PreTrainedModel, out_dir: Path, adapter_name: str = "default") -> PreTrainedModel:
-    """The trained model: base + the saved artifact (for full/freeze, the saved model replaces base)."""
+    """The trained model: base + the saved artifact (a whole saved model replaces ``base``)."""
     out_dir = Path(out_dir)
     method, params = read_manifest(out_dir)
-    if method.hook("load") is not None:
-        return method.hook("load")(base, out_dir, params)
+    own = method.load(base, out_dir, params)
+    if own is not None:
+        return own
     if (out_dir / "adapter_config.json").is_file():
         if isinstance(base, PeftModel):  # another adapter on the same base, selectable by name
             base.load_adapter(out_dir, adapter_name=adapter_name)
             return base
         return PeftModel.from_pretrained(base, out_dir, adapter_name=adapter_name)
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=base.dtype, local_files_only=True)
+
+
+def check_mergeable(method: Method, where: str) -> None:
+    """One line naming the mergeable methods, if ``method`` is not one (``where``: a prefix, e.g. "sft: ")."""
+    if not method.mergeable:
+        raise ValueError(
+            f"{where}method {method.name} cannot be merged into the base weights; "
+            f"mergeable: {', '.join(mergeable_names())}"
+        )
 
 
 def load_many(base: PreTrainedModel, adapters: dict[str, Path]) -> PeftModel:
@@ -80,11 +87,8 @@ def merge_and_save(params, run_dir: Path, out_dir: Path) -> Path:
     from peftflow.model import load_base_for, load_tokenizer
 
     method, _ = read_manifest(Path(run_dir) / "model")
-    merge = method.hook("merge")
-    if merge is None:
-        mergeable = ", ".join(n for n in method_names() if get_method(n).mergeable)
-        raise ValueError(f"method {method.name} cannot be merged into the base weights; mergeable: {mergeable}")
-    merged = merge(load(load_base_for(params), Path(run_dir) / "model"))
+    check_mergeable(method, "")
+    merged = method.merge(load(load_base_for(params), Path(run_dir) / "model"))
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         load_tokenizer(params.model).save_pretrained(tmp)

@@ -132,9 +132,8 @@ def _portable_4bit(model: PreTrainedModel) -> None:
 
 
 def load_base_for(params: Params) -> PreTrainedModel:
-    """The base model as the run's method needs it (QLoRA: quantized to 4 bits)."""
-    load_kwargs = get_method(params.method.name).hook("load_kwargs")
-    return load_base_model(params.model, **(load_kwargs(params.method) if load_kwargs else {}))
+    """The base model as the run's method needs it (e.g. quantized, for a method that says so)."""
+    return load_base_model(params.model, **get_method(params.method.name).load_kwargs(params.method))
 
 
 def base_model_id(params: ModelParams) -> str:

@@ -17,7 +17,8 @@ from peft import AdaLoraConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import MethodParams, lora
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import check_targets, dims, linear_shapes
 
 
 class Params(MethodParams):
@@ -34,65 +35,74 @@ class Params(MethodParams):
     total_step: int | None = None  # None: train.max_steps
 
 
-def bind(params: Params, run) -> Params:
-    return params if params.total_step else params.model_copy(update={"total_step": run.train.max_steps})
+@register
+class AdaLoRA(Method):
+    Params = Params
+    trains = "added weights"
+    weight_adapter = True
 
+    def bind(self, params: Params, run) -> Params:
+        return params if params.total_step else params.model_copy(update={"total_step": run.train.max_steps})
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    lora.check_targets(model, params.name, "target_modules", params.target_modules)
-    total = params.total_step
-    if total is None:
-        raise ValueError("method adalora: total_step: not set (bind() fills it from train.max_steps)")
-    tinit, tfinal = int(params.tinit_fraction * total), int(params.tfinal_fraction * total)
-    if tinit + tfinal >= total:
-        raise ValueError(f"method adalora: tinit_fraction + tfinal_fraction: leave no pruning phase in {total} steps")
-    config = AdaLoraConfig(
-        task_type="CAUSAL_LM",
-        init_r=params.init_r,
-        target_r=params.target_r,
-        lora_alpha=params.alpha,
-        lora_dropout=params.dropout,
-        target_modules=params.target_modules,
-        tinit=tinit,
-        tfinal=tfinal,
-        deltaT=params.delta_t,
-        orth_reg_weight=params.orth_reg_weight,
-        total_step=total,
-    )
-    return get_peft_model(model, config)
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        check_targets(model, params.name, "target_modules", params.target_modules)
+        total = params.total_step
+        if total is None:
+            raise ValueError("method adalora: total_step: not set (bind() fills it from train.max_steps)")
+        tinit, tfinal = int(params.tinit_fraction * total), int(params.tfinal_fraction * total)
+        if tinit + tfinal >= total:
+            raise ValueError(
+                f"method adalora: tinit_fraction + tfinal_fraction: leave no pruning phase in {total} steps"
+            )
+        config = AdaLoraConfig(
+            task_type="CAUSAL_LM",
+            init_r=params.init_r,
+            target_r=params.target_r,
+            lora_alpha=params.alpha,
+            lora_dropout=params.dropout,
+            target_modules=params.target_modules,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=params.delta_t,
+            orth_reg_weight=params.orth_reg_weight,
+            total_step=total,
+        )
+        return get_peft_model(model, config)
 
+    def extra_loss(self, model) -> torch.Tensor:
+        """peft's orthogonality penalty: mean ||A·Aᵀ - I||_F and ||Bᵀ·B - I||_F, times orth_reg_weight."""
+        weight = model.peft_config[model.active_adapter].orth_reg_weight
+        terms = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device), "fro"))
+        return weight * torch.stack(terms).mean()
 
-def extra_loss(model) -> torch.Tensor:
-    """peft's orthogonality penalty: mean ||A·Aᵀ - I||_F and ||Bᵀ·B - I||_F, times orth_reg_weight."""
-    weight = model.peft_config[model.active_adapter].orth_reg_weight
-    terms = []
-    for name, p in model.named_parameters():
-        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
-            cov = p @ p.T if "lora_A" in name else p.T @ p
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device), "fro"))
-    return weight * torch.stack(terms).mean()
+    def after_step(self, model, step: int) -> None:
+        """Update importance scores and prune the rank budget (needs the gradients, so before zero_grad)."""
+        model.base_model.update_and_allocate(step)
 
+    def state(self, model) -> dict:
+        """What exact resume needs beyond weights and optimizer: importance scores and the rank pattern."""
+        alloc = model.base_model.rankallocator
+        return {
+            "ipt": alloc.ipt,
+            "exp_avg_ipt": alloc.exp_avg_ipt,
+            "exp_avg_unc": alloc.exp_avg_unc,
+            "rank_pattern": model.peft_config[model.active_adapter].rank_pattern,
+        }
 
-def after_step(model, step: int) -> None:
-    """Update importance scores and prune the rank budget (needs the gradients, so before zero_grad)."""
-    model.base_model.update_and_allocate(step)
+    def load_state(self, model, saved: dict) -> None:
+        alloc = model.base_model.rankallocator
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = saved["ipt"], saved["exp_avg_ipt"], saved["exp_avg_unc"]
+        model.peft_config[model.active_adapter].rank_pattern = saved["rank_pattern"]
 
+    def merge(self, model) -> nn.Module:
+        return model.merge_and_unload()  # P·Λ·Q folds into W like B·A
 
-def state(model) -> dict:
-    """What exact resume needs beyond weights and optimizer: importance scores and the rank pattern."""
-    alloc = model.base_model.rankallocator
-    return {
-        "ipt": alloc.ipt,
-        "exp_avg_ipt": alloc.exp_avg_ipt,
-        "exp_avg_unc": alloc.exp_avg_unc,
-        "rank_pattern": model.peft_config[model.active_adapter].rank_pattern,
-    }
-
-
-def load_state(model, saved: dict) -> None:
-    alloc = model.base_model.rankallocator
-    alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = saved["ipt"], saved["exp_avg_ipt"], saved["exp_avg_unc"]
-    model.peft_config[model.active_adapter].rank_pattern = saved["rank_pattern"]
-
-
-merge = lora.merge  # P·Λ·Q folds into W like B·A
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        if params.target_modules != "all-linear":
+            return None
+        shapes = linear_shapes(base.config)  # P (r x in), Q (out x r), Λ (r)
+        return sum(params.init_r * (fi + fo + 1) for fi, fo in shapes) * dims(base.config)["layers"]

@@ -18,8 +18,8 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftflow.methods import MethodParams
-from peftflow.methods.freeze import decoder_blocks
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import decoder_blocks, dims
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 WEIGHTS = "adapter_model.safetensors"
@@ -60,32 +60,43 @@ def _sublayers(block: nn.Module, placement: str) -> list[nn.Module]:
     return [getattr(block, n) for n in names]
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    model.requires_grad_(False)
-    hidden = model.config.hidden_size
-    width = max(1, hidden // params.reduction_factor)
-    for block in decoder_blocks(model):
-        for sub in _sublayers(block, params.placement):
-            ref = next(sub.parameters())
-            sub.adapter = Bottleneck(hidden, width, params.activation).to(device=ref.device, dtype=ref.dtype)
-            sub.register_forward_hook(_after)
-    return model
+@register
+class Adapter(Method):
+    Params = Params
+    trains = "added weights"
+
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        model.requires_grad_(False)
+        hidden = model.config.hidden_size
+        width = max(1, hidden // params.reduction_factor)
+        for block in decoder_blocks(model):
+            for sub in _sublayers(block, params.placement):
+                ref = next(sub.parameters())
+                sub.adapter = Bottleneck(hidden, width, params.activation).to(device=ref.device, dtype=ref.dtype)
+                sub.register_forward_hook(_after)
+        return model
 
 
-def save(model: nn.Module, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".adapter." in n}
-    save_file(weights, out_dir / WEIGHTS)
-    (out_dir / "adapter_shapes.json").write_text(json.dumps({n: list(t.shape) for n, t in weights.items()}))
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".adapter." in n}
+        save_file(weights, out_dir / WEIGHTS)
+        (out_dir / "adapter_shapes.json").write_text(json.dumps({n: list(t.shape) for n, t in weights.items()}))
 
 
-def load(base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
-    model = apply(base, params)
-    weights = load_file(out_dir / WEIGHTS)
-    expected = {n for n, _ in model.named_parameters() if ".adapter." in n}
-    if set(weights) != expected:
-        raise ValueError(
-            f"{out_dir}: adapter weights do not fit this base model ({len(weights)} saved, {len(expected)} expected)"
-        )
-    model.load_state_dict(weights, strict=False)
-    return model
+    def load(self, base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
+        model = self.apply(base, params)
+        weights = load_file(out_dir / WEIGHTS)
+        expected = {n for n, _ in model.named_parameters() if ".adapter." in n}
+        if set(weights) != expected:
+            raise ValueError(
+                f"{out_dir}: adapter weights do not fit this base model ({len(weights)} saved, {len(expected)} expected)"
+            )
+        model.load_state_dict(weights, strict=False)
+        return model
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        d = dims(base.config)
+        w = d["h"] // params.reduction_factor
+        per = (d["h"] * w + w) + (w * d["h"] + d["h"])
+        return per * d["layers"] * (2 if params.placement == "houlsby" else 1)

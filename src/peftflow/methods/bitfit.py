@@ -17,7 +17,8 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftflow.methods import MethodParams, lora
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import check_targets, dims, linear_shapes
 
 log = logging.getLogger(__name__)
 WEIGHTS = "bias_model.safetensors"
@@ -41,44 +42,54 @@ def _targets(model: nn.Module, params: Params) -> list[tuple[str, nn.Linear]]:
     ]
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    model.requires_grad_(False)
-    existing = [p for n, p in model.named_parameters() if n.endswith(".bias")]
-    if existing:
-        for p in existing:
-            p.requires_grad_(True)
-        return model
-    if not params.add_missing:
-        raise ValueError("method bitfit: add_missing: the model has no bias terms, so nothing would train")
-    lora.check_targets(model, params.name, "target_modules", params.target_modules)
-    targets = _targets(model, params)
-    for _, linear in targets:
-        w = linear.weight
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=w.device, dtype=w.dtype))
-    kinds = sorted({name.rsplit(".", 1)[-1] for name, _ in targets})
-    log.warning(
-        "bitfit: %s has no bias terms; added zero-initialized biases to %d linear layers (%s) and trains only those",
-        type(model).__name__,
-        len(targets),
-        ", ".join(kinds),
-    )
-    return model
+@register
+class BitFit(Method):
+    Params = Params
+    trains = "added weights"  # the base's own biases where it has them, else new zero-initialized ones
 
-
-def save(model: nn.Module, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out_dir / WEIGHTS
-    )
-
-
-def load(base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
-    model = apply(base, params)
-    weights = load_file(out_dir / WEIGHTS)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise ValueError(
-            f"{out_dir}: bias weights do not fit this base model ({len(weights)} saved, {len(expected)} expected)"
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        model.requires_grad_(False)
+        existing = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        if existing:
+            for p in existing:
+                p.requires_grad_(True)
+            return model
+        if not params.add_missing:
+            raise ValueError("method bitfit: add_missing: the model has no bias terms, so nothing would train")
+        check_targets(model, params.name, "target_modules", params.target_modules)
+        targets = _targets(model, params)
+        for _, linear in targets:
+            w = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=w.device, dtype=w.dtype))
+        kinds = sorted({name.rsplit(".", 1)[-1] for name, _ in targets})
+        log.warning(
+            "bitfit: %s has no bias terms; added zero-initialized biases to %d linear layers (%s) and trains only those",
+            type(model).__name__,
+            len(targets),
+            ", ".join(kinds),
         )
-    model.load_state_dict(weights, strict=False)
-    return model
+        return model
+
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out_dir / WEIGHTS
+        )
+
+
+    def load(self, base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
+        model = self.apply(base, params)
+        weights = load_file(out_dir / WEIGHTS)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != expected:
+            raise ValueError(
+                f"{out_dir}: bias weights do not fit this base model ({len(weights)} saved, {len(expected)} expected)"
+            )
+        model.load_state_dict(weights, strict=False)
+        return model
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        if params.target_modules != "all-linear":
+            return None
+        return sum(fo for _, fo in linear_shapes(base.config)) * dims(base.config)["layers"]

@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import MethodParams
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import decoder_blocks, dims, linear_shapes
 
 
 class Params(MethodParams):
@@ -22,27 +23,29 @@ class Params(MethodParams):
     train_head: bool = False  # the output head and final norm (tied heads: the embeddings too)
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks (the ModuleList as long as num_hidden_layers)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+@register
+class Freeze(Method):
+    Params = Params
+    trains = "some weights"
 
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        blocks = decoder_blocks(model)
+        if params.last_n_blocks > len(blocks):
+            raise ValueError(
+                f"method freeze: last_n_blocks: {params.last_n_blocks} exceeds the model's {len(blocks)} blocks"
+            )
+        model.requires_grad_(False)
+        for block in blocks[-params.last_n_blocks :]:
+            block.requires_grad_(True)
+        if params.train_head:
+            model.get_output_embeddings().requires_grad_(True)
+            norm = getattr(getattr(model, "model", model), "norm", None)
+            if norm is not None:
+                norm.requires_grad_(True)
+        return model
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    blocks = decoder_blocks(model)
-    if params.last_n_blocks > len(blocks):
-        raise ValueError(
-            f"method freeze: last_n_blocks: {params.last_n_blocks} exceeds the model's {len(blocks)} blocks"
-        )
-    model.requires_grad_(False)
-    for block in blocks[-params.last_n_blocks :]:
-        block.requires_grad_(True)
-    if params.train_head:
-        model.get_output_embeddings().requires_grad_(True)
-        norm = getattr(getattr(model, "model", model), "norm", None)
-        if norm is not None:
-            norm.requires_grad_(True)
-    return model
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        if params.train_head:
+            return None
+        per_block = sum(fi * fo for fi, fo in linear_shapes(base.config)) + 2 * dims(base.config)["h"]  # + 2 RMSNorms
+        return per_block * params.last_n_blocks

@@ -14,7 +14,8 @@ from peft import IA3Config, get_peft_model
 from pydantic import model_validator
 from torch import nn
 
-from peftflow.methods import MethodParams, lora
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import check_targets, dims
 
 
 class Params(MethodParams):
@@ -30,14 +31,26 @@ class Params(MethodParams):
         return self
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    lora.check_targets(model, params.name, "target_modules", params.target_modules)
-    config = IA3Config(
-        task_type="CAUSAL_LM",
-        target_modules=params.target_modules,
-        feedforward_modules=params.feedforward_modules,
-    )
-    return get_peft_model(model, config)
+@register
+class IA3(Method):
+    Params = Params
+    trains = "added weights"
+    weight_adapter = True
 
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        check_targets(model, params.name, "target_modules", params.target_modules)
+        config = IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=params.target_modules,
+            feedforward_modules=params.feedforward_modules,
+        )
+        return get_peft_model(model, config)
 
-merge = lora.merge
+    def merge(self, model) -> nn.Module:
+        return model.merge_and_unload()
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        if params.target_modules != ["k_proj", "v_proj", "down_proj"]:
+            return None
+        d = dims(base.config)
+        return (d["kv"] + d["kv"] + d["i"]) * d["layers"]  # k, v outputs; down_proj's input

@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import MethodParams
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import check_targets, dims, linear_shapes
 
 
 class Params(MethodParams):
@@ -25,24 +26,6 @@ class Params(MethodParams):
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     init: Literal["gaussian", "kaiming"] = "gaussian"  # how A is drawn; B is always zero
     use_rslora: bool = False
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Leaf names of the model's linear layers (what target_modules may name)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-
-
-def check_targets(model: nn.Module, method: str, field: str, targets: str | list[str]) -> None:
-    """Fail before training, naming what the model offers, if a target module is not in the model."""
-    if targets == "all-linear":
-        return
-    offered = linear_names(model)
-    missing = [t for t in targets if t not in offered]
-    if missing:
-        raise ValueError(
-            f"method {method}: {field}: {', '.join(missing)} not in the model; "
-            f"its linear layers are: {', '.join(offered)}"
-        )
 
 
 def lora_config(params: Params, **extra) -> LoraConfig:
@@ -58,10 +41,20 @@ def lora_config(params: Params, **extra) -> LoraConfig:
     )
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    check_targets(model, params.name, "target_modules", params.target_modules)
-    return get_peft_model(model, lora_config(params))
+@register
+class LoRA(Method):
+    Params = Params
+    trains = "added weights"
+    weight_adapter = True
 
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        check_targets(model, params.name, "target_modules", params.target_modules)
+        return get_peft_model(model, lora_config(params))
 
-def merge(model) -> nn.Module:
-    return model.merge_and_unload()
+    def merge(self, model) -> nn.Module:
+        return model.merge_and_unload()
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        if params.target_modules != "all-linear":
+            return None
+        return params.r * sum(fi + fo for fi, fo in linear_shapes(base.config)) * dims(base.config)["layers"]

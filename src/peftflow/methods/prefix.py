@@ -8,25 +8,20 @@ only the resulting prefix is kept. ``ptuning_v2`` is the same mechanism without 
 Initialization matters for deep prompts. peft draws the directly trained prefix (no MLP) from
 N(0, 1): on SmolLM2-135M that puts random keys and values in all 30 layers and the untrained model's
 test loss goes from 1.8 to 12.3, from which 40 steps did not recover (54.8% accuracy). Li & Liang
-initialize the prefix with the activations of real words instead; :func:`init_from_text` does that
-(written here because peft offers text initialization for input-level prompts only): the keys and
-values the frozen model computes for ``init_text`` at positions 0..n-1, which is where peft's
-prefix sits (the input tokens follow at positions n, n+1, ...).
+initialize the prefix with the activations of real words instead, as ``ptuning_v2`` does (see
+:func:`peftflow.methods._deep_prompts.init_from_text`).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from peft import PrefixTuningConfig, get_peft_model
+from peft import get_peft_model
 from pydantic import Field
 from torch import nn
-from transformers import AutoTokenizer
 
-from peftflow.methods import MethodParams
-
-DEFAULT_INIT_TEXT = "Classify the sentiment of this movie review as positive or negative."
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._deep_prompts import expected_trainable, prefix_config
 
 
 class Params(MethodParams):
@@ -36,43 +31,16 @@ class Params(MethodParams):
     encoder_hidden_size: int = Field(512, ge=1)  # the MLP's inner width
 
 
-def prefix_config(num_virtual_tokens: int, projection: bool, encoder_hidden_size: int) -> PrefixTuningConfig:
-    return PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=num_virtual_tokens,
-        prefix_projection=projection,
-        encoder_hidden_size=encoder_hidden_size,
-    )
+@register
+class PrefixTuning(Method):
+    Params = Params
+    trains = "prompts"
 
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
+        return get_peft_model(model, config)
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
-    return get_peft_model(model, config)
-
-
-@torch.no_grad()
-def init_from_text(peft_model, text: str) -> None:
-    """Set a directly trained prefix (no MLP) to the keys and values the frozen model computes for
-    ``text``, repeated or cut to the prefix length. The tokenizer is the one saved beside the base
-    checkpoint (read from disk, as prompt tuning's text init does)."""
-    config = peft_model.peft_config["default"]
-    if config.prefix_projection:
-        raise ValueError("init_from_text: the prefix is trained through an MLP; only a direct prefix can be set")
-    n = config.num_virtual_tokens
-    tokenizer = AutoTokenizer.from_pretrained(peft_model.base_model.name_or_path)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("init_text: empty after tokenization")
-    ids = (ids * (n // len(ids) + 1))[:n]
-    embedding = peft_model.prompt_encoder["default"].embedding.weight
-    base = peft_model.get_base_model()
-    was_training = base.training
-    base.eval()
-    cache = base(input_ids=torch.tensor([ids], device=embedding.device), use_cache=True).past_key_values
-    base.train(was_training)
-    # peft reads row t as [layer 0 keys, layer 0 values, layer 1 keys, ...], each heads x head_dim
-    rows = [torch.cat([layer.keys[0], layer.values[0]], dim=0) for layer in cache.layers]  # (2*heads, n, d)
-    flat = torch.cat(rows, dim=0).permute(1, 0, 2).reshape(n, -1)
-    if flat.shape != embedding.shape:
-        raise ValueError(f"init_from_text: computed keys/values {tuple(flat.shape)}, prefix {tuple(embedding.shape)}")
-    embedding.copy_(flat.to(embedding.dtype))
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        return expected_trainable(
+            base.config, params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size
+        )

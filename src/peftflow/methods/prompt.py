@@ -13,7 +13,8 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import MethodParams
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import dims
 
 
 class Params(MethodParams):
@@ -23,14 +24,25 @@ class Params(MethodParams):
     init_text: str = "Classify the sentiment of this movie review as positive or negative."
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    text = params.init == "text"
-    config = PromptTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=params.num_virtual_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=params.init_text if text else None,
-        # the tokenizer saved beside the base checkpoint; read from disk, never downloaded
-        tokenizer_name_or_path=model.name_or_path if text else None,
-    )
-    return get_peft_model(model, config)
+@register
+class PromptTuning(Method):
+    Params = Params
+    trains = "prompts"
+
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        text = params.init == "text"
+        config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=params.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=params.init_text if text else None,
+            # the tokenizer saved beside the base checkpoint; read from disk, never downloaded
+            tokenizer_name_or_path=model.name_or_path if text else None,
+        )
+        return get_peft_model(model, config)
+
+    def input_virtual_tokens(self, params: Params) -> int:
+        return params.num_virtual_tokens
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        return params.num_virtual_tokens * dims(base.config)["h"]

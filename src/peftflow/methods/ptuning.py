@@ -11,7 +11,8 @@ from peft import PromptEncoderConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import MethodParams
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._shared import dims
 
 
 class Params(MethodParams):
@@ -23,13 +24,27 @@ class Params(MethodParams):
     encoder_dropout: float = Field(0.0, ge=0, lt=1)
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    config = PromptEncoderConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=params.num_virtual_tokens,
-        encoder_reparameterization_type=params.encoder.upper(),
-        encoder_hidden_size=params.encoder_hidden_size,
-        encoder_num_layers=params.encoder_num_layers,
-        encoder_dropout=params.encoder_dropout,
-    )
-    return get_peft_model(model, config)
+@register
+class PTuning(Method):
+    Params = Params
+    trains = "prompts"
+
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        config = PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=params.num_virtual_tokens,
+            encoder_reparameterization_type=params.encoder.upper(),
+            encoder_hidden_size=params.encoder_hidden_size,
+            encoder_num_layers=params.encoder_num_layers,
+            encoder_dropout=params.encoder_dropout,
+        )
+        return get_peft_model(model, config)
+
+    def input_virtual_tokens(self, params: Params) -> int:
+        return params.num_virtual_tokens
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        if params.encoder != "mlp":
+            return None
+        h, e = dims(base.config)["h"], params.encoder_hidden_size  # embedding + Linear(h,e) + Linear(e,e) + Linear(e,h)
+        return params.num_virtual_tokens * h + (h * e + e) + (e * e + e) + (e * h + h)

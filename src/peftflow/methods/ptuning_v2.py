@@ -7,7 +7,7 @@ reparameterization by default (the paper found it unnecessary or harmful on some
 proposed for understanding tasks at every model scale. Set ``prefix_projection: true`` to compare.
 
 ``init: text`` (default) starts the prompts from the keys and values of ``init_text`` (see
-:func:`peftflow.methods.prefix.init_from_text`); ``random`` keeps peft's N(0, 1) draw.
+:func:`peftflow.methods._deep_prompts.init_from_text`); ``random`` keeps peft's N(0, 1) draw.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from peft import get_peft_model
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftflow.methods import MethodParams
-from peftflow.methods.prefix import DEFAULT_INIT_TEXT, init_from_text, prefix_config
+from peftflow.methods import Method, MethodParams, register
+from peftflow.methods._deep_prompts import DEFAULT_INIT_TEXT, expected_trainable, init_from_text, prefix_config
 
 
 class Params(MethodParams):
@@ -37,9 +37,19 @@ class Params(MethodParams):
         return self
 
 
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
-    peft_model = get_peft_model(model, config)
-    if params.init == "text":
-        init_from_text(peft_model, params.init_text)
-    return peft_model
+@register
+class PTuningV2(Method):
+    Params = Params
+    trains = "prompts"
+
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
+        peft_model = get_peft_model(model, config)
+        if params.init == "text":
+            init_from_text(peft_model, params.init_text)
+        return peft_model
+
+    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
+        return expected_trainable(
+            base.config, params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size
+        )

@@ -19,7 +19,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import BitsAndBytesConfig
 
-from peftflow.methods import lora
+from peftflow.methods import lora, register
+from peftflow.methods._shared import check_targets
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,33 +40,6 @@ def _compute_dtype(params: Params) -> torch.dtype:
     return _DTYPES[params.compute_dtype]
 
 
-def load_kwargs(params: Params) -> dict:
-    return {
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=params.quant_type,
-            bnb_4bit_use_double_quant=params.double_quant,
-            bnb_4bit_compute_dtype=_compute_dtype(params),
-        )
-    }
-
-
-def apply(model: nn.Module, params: Params) -> nn.Module:
-    lora.check_targets(model, params.name, "target_modules", params.target_modules)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, lora.lora_config(params))
-
-
-def optimizer(trainable, lr: float, weight_decay: float, params: Params) -> torch.optim.Optimizer:
-    if params.paged_optimizer and torch.cuda.is_available():
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW(trainable, lr=lr, weight_decay=weight_decay)
-    if params.paged_optimizer:
-        log.info("qlora: paged optimizers need CUDA; using AdamW on CPU")
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-
-
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
 
@@ -83,28 +57,57 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return dense
 
 
-@torch.no_grad()
-def merge(model) -> nn.Module:
-    """De-quantize every 4-bit layer, add the LoRA updates where there are any, return a plain fp32 model."""
-    import bitsandbytes as bnb
+@register
+class QLoRA(lora.LoRA):
+    Params = Params
+    quantizes_base = True
 
-    base = model.get_base_model()
-    for name, module in list(base.named_modules()):
-        if isinstance(module, LoraLayer):
-            inner = module.get_base_layer()
-            weight = _dense_weight(inner)
-            for adapter in module.active_adapters:
-                weight += module.get_delta_weight(adapter).float()
-        elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
-            inner, weight = module, _dense_weight(module)  # not adapted, but quantized all the same
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent), child, _dense(weight, inner.bias))
-    for attr in ("is_loaded_in_4bit", "is_quantized"):
-        if hasattr(base, attr):
-            setattr(base, attr, False)
-    base.hf_quantizer = None
-    if hasattr(base.config, "quantization_config"):
-        del base.config.quantization_config
-    return base.float()
+    def load_kwargs(self, params: Params) -> dict:
+        return {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=params.quant_type,
+                bnb_4bit_use_double_quant=params.double_quant,
+                bnb_4bit_compute_dtype=_compute_dtype(params),
+            )
+        }
+
+    def apply(self, model: nn.Module, params: Params) -> nn.Module:
+        check_targets(model, params.name, "target_modules", params.target_modules)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, lora.lora_config(params))
+
+    def optimizer(self, trainable, lr: float, weight_decay: float, params: Params) -> torch.optim.Optimizer:
+        if params.paged_optimizer and torch.cuda.is_available():
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW(trainable, lr=lr, weight_decay=weight_decay)
+        if params.paged_optimizer:
+            log.info("qlora: paged optimizers need CUDA; using AdamW on CPU")
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def merge(self, model) -> nn.Module:
+        """De-quantize every 4-bit layer, add the LoRA updates where there are any, return a plain fp32 model."""
+        import bitsandbytes as bnb
+
+        base = model.get_base_model()
+        for name, module in list(base.named_modules()):
+            if isinstance(module, LoraLayer):
+                inner = module.get_base_layer()
+                weight = _dense_weight(inner)
+                for adapter in module.active_adapters:
+                    weight += module.get_delta_weight(adapter).float()
+            elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith("base_layer"):
+                inner, weight = module, _dense_weight(module)  # not adapted, but quantized all the same
+            else:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, _dense(weight, inner.bias))
+        for attr in ("is_loaded_in_4bit", "is_quantized"):
+            if hasattr(base, attr):
+                setattr(base, attr, False)
+        base.hf_quantizer = None
+        if hasattr(base.config, "quantization_config"):
+            del base.config.quantization_config
+        return base.float()
