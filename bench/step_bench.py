@@ -5,7 +5,7 @@ Both sides train the same randomly initialized Llama-shaped model (weights do no
 with the same method (``peftflow.methods``: the peft config or hand-written module peftflow uses),
 the same optimizer (the method's: paged AdamW for QLoRA on CUDA, else AdamW) and batches of prompt
 + short answer. The plain loop is what a user writes by hand: right padding, ``model(...,
-labels=...)`` (full-sequence logits). peftflow's step is :func:`peftflow.train.optimizer_step`, the
+labels=...)`` (full-sequence logits). peftflow's step is :func:`peftflow.training.optim.optimizer_step`, the
 one ``peftflow train`` runs. CUDA: fp32 weights, bf16 autocast (as ``peftflow train``); CPU: fp32.
 Peak memory: CUDA max allocated; CPU peak RSS, reset before each measurement (it includes what the
 process holds anyway, so CPU ratios understate the difference).
@@ -27,7 +27,7 @@ import os
 import statistics
 import tempfile
 import time
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -35,8 +35,9 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from peftflow.methods import get_method, method_names
-from peftflow.tokens import Encoded, collate
-from peftflow.train import count_parameters, optimizer_step, peak_memory_bytes, reset_peak_memory
+from peftflow.tokens import Encoded, collate, completion_loss_sum, completion_tokens
+from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
+from peftflow.training.optim import optimizer_step
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (256, 4, 4, 2, 768, 49152),
@@ -83,9 +84,8 @@ def build(size: str, method: str, device, steps: int) -> torch.nn.Module:
     torch.manual_seed(0)
     m = get_method(method)
     params = method_params(method, steps)
-    load_kwargs = m.hook("load_kwargs")
-    if load_kwargs is not None:  # quantized on load, placed by bitsandbytes
-        kwargs = load_kwargs(params)
+    if m.quantizes_base:  # quantized on load, placed by bitsandbytes
+        kwargs = m.load_kwargs(params)
         if device.type == "cuda":
             kwargs["device_map"] = {"": 0}
         base = LlamaForCausalLM.from_pretrained(saved(size), dtype=torch.float32, **kwargs)
@@ -95,10 +95,7 @@ def build(size: str, method: str, device, steps: int) -> torch.nn.Module:
 
 def make_optimizer(model, method: str, steps: int) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    custom = get_method(method).hook("optimizer")
-    if custom is None:
-        return torch.optim.AdamW(trainable, lr=1e-4)
-    return custom(trainable, 1e-4, 0.0, method_params(method, steps))
+    return get_method(method).optimizer(trainable, 1e-4, 0.0, method_params(method, steps))
 
 
 def batches(n: int, batch: int, seq: int, answer: int, vocab: int) -> list[list[Encoded]]:
@@ -142,12 +139,16 @@ def measure(size, method, loop, data, warm, device) -> dict:
     scheduler = get_scheduler("constant", optimizer)
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
     times, tokens = [], 0
+    virtual = get_method(method).input_virtual_tokens(method_params(method, len(data)))
+    objective = partial(completion_loss_sum, virtual=virtual)
     for i, rows in enumerate(data):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         if loop == "peftflow":
-            _, n = optimizer_step(model, [collate(rows, 0)], optimizer, scheduler, accelerator, 1.0)
+            batch = collate(rows, 0)
+            optimizer_step(model, [batch], completion_tokens, objective, optimizer, scheduler, accelerator, 1.0)
+            n = int(batch["attention_mask"].sum())
         else:
             _, n = plain_step(model, rows, optimizer, scheduler, device, accelerator.autocast)
         if device.type == "cuda":

@@ -13,7 +13,7 @@ import pytest
 
 from peftflow import compare, leaderboard
 from peftflow.config import PromoteParams
-from peftflow.train import Sampler
+from peftflow.training.sampler import Sampler
 
 GiB = 2**30
 

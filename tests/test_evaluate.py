@@ -74,16 +74,18 @@ def test_one_pass_scoring_agrees_with_the_separate_label_pass(tiny_params, monke
 @pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "lora"])
 def test_answer_logits_do_not_depend_on_batch_padding(method, tiny_params):
     """A row scores the same alone or beside a longer row (input soft prompts are right-aligned)."""
+    from peftflow.methods import get_method
     from peftflow.tokens import answer_logits
-    from peftflow.train import build_model
+    from peftflow.training.sft import build_model
 
     params = tiny_params(method)
+    virtual = get_method(method).input_virtual_tokens(params.method)
     model = build_model(params).eval()
     tok = load_tokenizer(params.model)
     short, long = (encode(tok, ex, params.data) for ex in data.read_split(params.data.out_dir, "val")[:2])
     long = type(long)(long.prompt * 3, long.completion)  # much longer than `short`
     with torch.no_grad():
-        alone, _ = answer_logits(model, collate([short], tok.pad_token_id))
-        padded, _ = answer_logits(model, collate([short, long], tok.pad_token_id))
+        alone, _ = answer_logits(model, collate([short], tok.pad_token_id), virtual)
+        padded, _ = answer_logits(model, collate([short, long], tok.pad_token_id), virtual)
     width = len(short.completion)
     torch.testing.assert_close(padded[0, -width:], alone[0, -width:], rtol=0, atol=1e-4)

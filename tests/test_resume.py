@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from peftflow.train import latest_checkpoint, train
+from peftflow.training.checkpoint import latest as latest_checkpoint
+from peftflow.training.sft import train
 
 CASES = {
     # LoRA with dropout (RNG), gradient accumulation and evals between checkpoints
@@ -25,16 +26,16 @@ def test_resume_reproduces_the_uninterrupted_loss_trajectory(method, tiny_params
     params = tiny_params(method, *common, "train.run_name=interrupted")
     stop = params.train.max_steps - 2
     first = train(params, stop_after=stop, progress=False)
-    assert not first["finished"] and first["steps"] == stop
+    assert not first.finished and first.steps == stop
     ckpt = latest_checkpoint(params.run_dir / "checkpoints")
     assert ckpt is not None and ckpt.name == f"step-{stop:07d}"
     assert not (params.run_dir / "model").exists(), "an unfinished run must not leave a trained artifact"
 
     resumed = train(params, progress=False)
-    assert resumed["finished"]
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
-    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
-    assert resumed["evals"] == straight["evals"]
+    assert resumed.finished
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in straight.history]
+    assert resumed.evals == straight.evals
     assert json.loads((params.run_dir / "train_summary.json").read_text())["steps"] == params.train.max_steps
     assert not (params.run_dir / "checkpoints").exists()
 
@@ -52,11 +53,11 @@ def test_no_resume_starts_over(tiny_params):
     params = tiny_params("lora", "train.max_steps=4", "train.save_every=2", "train.run_name=again")
     train(params, stop_after=2, progress=False)
     fresh = train(params, resume=False, progress=False)
-    assert [h["step"] for h in fresh["history"]] == [1, 2, 3, 4]
+    assert [h["step"] for h in fresh.history] == [1, 2, 3, 4]
 
 
 def test_peak_memory_is_per_run_not_per_process():
-    from peftflow.train import peak_memory_bytes, reset_peak_memory
+    from peftflow.training.meters import peak_memory_bytes, reset_peak_memory
 
     reset_peak_memory()
     big = torch.ones(2**27)  # 512 MiB, touched

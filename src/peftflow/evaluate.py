@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from peftflow import artifacts, data
-from peftflow.config import Params
+from peftflow.config import Params, read_resolved
 from peftflow.methods import get_method
 from peftflow.model import base_model_id, load_base_for, load_base_model, load_tokenizer
+from peftflow.results import EFFICIENCY
 from peftflow.tokens import (
     IGNORE,
     Encoded,
@@ -49,10 +50,17 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def heldout_pass(
-    model, encoded: list[Encoded], pad_id: int, batch_size: int, device, label_ids: list[int] | None = None
+    model,
+    encoded: list[Encoded],
+    pad_id: int,
+    batch_size: int,
+    device,
+    label_ids: list[int] | None = None,
+    virtual: int = 0,
 ) -> tuple[float, torch.Tensor | None]:
     """Mean cross-entropy per completion token (nats), and with single-token ``label_ids`` the
-    (N, L) log-probabilities of each label at every answer's first position, from the same pass."""
+    (N, L) log-probabilities of each label at every answer's first position, from the same pass.
+    ``virtual``: soft tokens the model puts before the input (see :func:`peftflow.tokens.answer_logits`)."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -60,7 +68,7 @@ def heldout_pass(
     for idx in _by_length([len(e) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         with _autocast(device):
-            logits, target = answer_logits(model, batch)
+            logits, target = answer_logits(model, batch, virtual)
         logits = logits.float()
         nll += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -74,14 +82,14 @@ def heldout_pass(
     return nll / max(count, 1), scores
 
 
-def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
+def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device, virtual: int = 0) -> float:
     """Mean cross-entropy per completion token (nats)."""
-    return heldout_pass(model, encoded, pad_id, batch_size, device)[0]
+    return heldout_pass(model, encoded, pad_id, batch_size, device, virtual=virtual)[0]
 
 
 @torch.no_grad()
 def label_scores(
-    model, pad_id: int, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int, device
+    model, pad_id: int, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int, device, virtual: int = 0
 ) -> torch.Tensor:
     """(N, L) log-likelihood of each candidate answer (token ids) after each encoded prompt."""
     model.eval()
@@ -93,7 +101,7 @@ def label_scores(
         for j, ids in enumerate(candidates):
             batch = {k: v.to(device) for k, v in collate([Encoded(prompts[i], ids) for i in idx], pad_id).items()}
             with _autocast(device):
-                logits, target = answer_logits(model, batch)  # (B, len(ids), V), (B, len(ids))
+                logits, target = answer_logits(model, batch, virtual)  # (B, len(ids), V), (B, len(ids))
             logp = torch.log_softmax(logits.float(), -1)
             if single:
                 scores[idx] = logp[:, 0, [ids[0] for ids in label_ids]].cpu()
@@ -102,18 +110,31 @@ def label_scores(
     return scores
 
 
+def _label_ids(tokenizer, labels: list[str], params: Params) -> list[list[int]]:
+    """Each candidate answer's token ids as it is scored. Single distinct tokens: the token alone
+    (one pass decides; no label can be a prefix of another). Otherwise the answer as trained, with
+    the end-of-sequence token when ``data.append_eos``: without it, a label that is a prefix of
+    another ("good" / "good enough") could never score lower, and shorter labels would be favoured."""
+    bare = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
+    if all(len(ids) == 1 for ids in bare) and len({ids[0] for ids in bare}) == len(bare):
+        return bare
+    return [encode_answer(tokenizer, label, params.data, eos=params.data.append_eos) for label in labels]
+
+
 def _encode_for_labels(tokenizer, examples: list[dict], labels: list[str], params: Params):
     """(prompt ids cut to leave room for the longest answer, answer ids per label)."""
-    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
+    label_ids = _label_ids(tokenizer, labels, params)
     room = params.data.max_length - max(len(ids) for ids in label_ids)
     return [encode_prompt(tokenizer, ex["prompt"], params.data)[-room:] for ex in examples], label_ids
 
 
-def label_accuracy(model, tokenizer, examples: list[dict], labels: list[str], params: Params, device) -> dict:
+def label_accuracy(
+    model, tokenizer, examples: list[dict], labels: list[str], params: Params, device, virtual: int = 0
+) -> dict:
     """Accuracy of picking the most likely answer among ``labels``, overall and per true label."""
     prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
-    scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device)
+    scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual)
     return _accuracy(scores, gold, labels)
 
 
@@ -123,8 +144,11 @@ def _accuracy(scores: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> di
     return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(gold)}
 
 
-def score(model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device) -> dict[str, Any]:
-    """Test loss and perplexity, and label accuracy when the answers form a closed set."""
+def score(
+    model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0
+) -> dict[str, Any]:
+    """Test loss and perplexity, and label accuracy when the answers form a closed set. ``virtual``:
+    soft tokens the model puts before the input (0 for a base model, or an adapter switched off)."""
     encoded = [encode(tokenizer, ex, params.data) for ex in examples]
     label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels or []]
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
@@ -140,11 +164,12 @@ def score(model, tokenizer, params: Params, examples: list[dict], labels: list[s
         params.eval.batch_size,
         device,
         [ids[0] for ids in label_ids] if one_pass else None,
+        virtual,
     )
     out: dict[str, Any] = {"test_loss": loss, "test_perplexity": math.exp(min(loss, 50))}
     if labels:
         if scores is None:
-            acc = label_accuracy(model, tokenizer, examples, labels, params, device)
+            acc = label_accuracy(model, tokenizer, examples, labels, params, device, virtual)
         else:
             acc = _accuracy(scores, gold, labels)
         out["test_accuracy"] = acc["accuracy"]
@@ -177,16 +202,18 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
     tokenizer = load_tokenizer(params.model)
     method = get_method(params.method.name)
     model = _to(artifacts.load(load_base_for(params), run_dir / "model"), device)
-    metrics = score(model, tokenizer, params, examples, manifest["labels"], device)
+    virtual = method.input_virtual_tokens(params.method)
+    metrics = score(model, tokenizer, params, examples, manifest["labels"], device, virtual)
 
     cache = params.train.output_dir / "zeroshot" / f"{_zeroshot_key(params, manifest['version'])}.json"
     if cache.is_file():
         zeroshot = json.loads(cache.read_text())
     else:
-        # the adapter switched off gives the base model, unless the method changed the base (QLoRA)
-        if artifacts.is_adapter(model) and method.hook("load_kwargs") is None:
+        # the adapter switched off gives the base model (no soft tokens), unless the method loads the
+        # base changed (quantized)
+        if artifacts.is_adapter(model) and not method.quantizes_base:
             with model.disable_adapter():
-                zeroshot = score(model, tokenizer, params, examples, manifest["labels"], device)
+                zeroshot = score(model, tokenizer, params, examples, manifest["labels"], device, virtual=0)
         else:
             del model
             base = _to(load_base_model(params.model), device)
@@ -203,25 +230,18 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
         "base_model": base_model_id(params.model),
         **metrics,
         "zeroshot": zeroshot,
-        **{
-            k: summary[k]
-            for k in (
-                "trainable_params",
-                "total_params",
-                "trainable_pct",
-                "tokens_per_s",
-                "train_seconds",
-                "train_tokens",
-                "wall_seconds",
-                "peak_memory_bytes",
-                "artifact_bytes",
-                "steps",
-            )
-            if k in summary
-        },
+        **{k: summary[k] for k in EFFICIENCY if summary.get(k) is not None},
     }
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def score_artifact(run_dir: Path, root: Path, params: Params) -> dict[str, Any]:
+    """Evaluate a downloaded ``run_dir/model`` (with its params.yaml) on the test split of ``params``'s
+    data folder; writes and returns metrics.json."""
+    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
+    artifact_params.data.out_dir = params.rebased(root).data.out_dir
+    return evaluate_run(run_dir, artifact_params)
 
 
 def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[str, Any]]:
@@ -234,7 +254,9 @@ def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[st
     examples = data.to_examples(rows, params.data, "input")
     device = next(model.parameters()).device
     prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
-    probs = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device).softmax(-1)
+    virtual = get_method(params.method.name).input_virtual_tokens(params.method) if params.method else 0
+    scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual)
+    probs = scores.softmax(-1)
     return [
         {"text": t, "label": labels[int(p.argmax())], "probability": float(p.max())}
         for t, p in zip(texts, probs, strict=True)

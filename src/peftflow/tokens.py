@@ -70,7 +70,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded input_ids, attention_mask, position_ids and labels, each (B, T).
 
     Left padding puts every completion at the end of its row, so the logits needed for the loss
-    are the last ``max completion length + 1`` columns (see :func:`completion_loss`).
+    are the last ``max completion length + 1`` columns (see :func:`answer_logits`).
     """
     out = left_pad([e.prompt + e.completion for e in batch], pad_id)
     labels = torch.full_like(out["input_ids"], IGNORE)
@@ -92,34 +92,28 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
-def input_prompt_length(model) -> int:
-    """Virtual tokens that peft prepends at the input (prompt tuning, P-tuning), else 0."""
-    config = getattr(model, "active_peft_config", None)
-    if config is not None and config.is_prompt_learning and config.peft_type.value in ("PROMPT_TUNING", "P_TUNING"):
-        return config.num_virtual_tokens
-    return 0
-
-
-def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch minus labels (and minus position ids where peft would drop them with a warning)."""
+def model_inputs(batch: dict[str, torch.Tensor], virtual: int = 0) -> dict[str, torch.Tensor]:
+    """The batch minus labels (and minus position ids where peft would drop them with a warning:
+    ``virtual`` > 0, soft tokens before the input)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if input_prompt_length(model):
+    if virtual:
         inputs.pop("position_ids", None)
     return inputs
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(model, batch: dict[str, torch.Tensor], virtual: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) for the trailing answer columns of a :func:`collate` batch: (B, A, V), (B, A).
 
-    Only the columns that predict answer tokens go through the output head: with a 49k
-    vocabulary, full-sequence logits cost more than the rest of a small model's step.
+    ``virtual``: soft tokens the model puts before the input (the method's
+    ``input_virtual_tokens``; 0 with its adapter switched off). Only the columns that predict
+    answer tokens go through the output head: with a 49k vocabulary, full-sequence logits cost
+    more than the rest of a small model's step.
     """
     labels = batch["labels"]
     answer = int((labels != IGNORE).any(dim=0).flip(0).cumprod(0).sum())  # trailing label columns
     target = labels[:, -answer:]
-    virtual = input_prompt_length(model)
     if not virtual:
-        return model(**model_inputs(model, batch), logits_to_keep=answer + 1).logits[:, :-1], target
+        return model(**model_inputs(batch), logits_to_keep=answer + 1).logits[:, :-1], target
     # peft puts an input-level soft prompt before the padding and ignores position ids, so left
     # padding would leave a batch-dependent gap between prompt and text. Move the padding to the
     # right for these methods, run the full sequence, and pick the answer columns out again.
@@ -133,10 +127,14 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return full[torch.arange(len(rows), device=full.device)[:, None], source], target
 
 
-def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over completion tokens, their count), from a :func:`collate` batch."""
-    logits, target = answer_logits(model, batch)
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Completion tokens of a :func:`collate` batch (the units its loss is counted in)."""
+    return int((batch["labels"] != IGNORE).sum())
+
+
+def completion_loss_sum(model, batch: dict[str, torch.Tensor], virtual: int = 0) -> torch.Tensor:
+    """Summed cross-entropy over the completion tokens of a :func:`collate` batch (nats)."""
+    logits, target = answer_logits(model, batch, virtual)
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    return loss, int((target != IGNORE).sum())

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from peftflow.config import Params
+from peftflow.training.optim import scheduler_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def train(
             per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum,
             learning_rate=cfg.lr,
-            lr_scheduler_type=cfg.scheduler,
+            lr_scheduler_type=scheduler_name(cfg),
             warmup_steps=cfg.warmup_steps,
             max_grad_norm=cfg.max_grad_norm or 0.0,
             weight_decay=cfg.weight_decay,

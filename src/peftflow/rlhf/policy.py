@@ -16,7 +16,7 @@ from torch import nn
 
 from peftflow import artifacts
 from peftflow.config import Params
-from peftflow.methods import get_method, method_names
+from peftflow.methods import get_method, weight_adapter_names
 from peftflow.model import load_base_for
 from peftflow.rlhf.params import Generation
 from peftflow.tokens import left_pad
@@ -45,24 +45,19 @@ def with_adapter(model: nn.Module, params: Params, stage: str) -> PeftModel:
     over the weights (the reference policy is the adapter switched off; input prompts would shift
     the token positions the stages rely on)."""
     method = get_method(params.method.name)
-    out = method.apply(model, params.method)
-    config = getattr(out, "active_peft_config", None)
-    if not isinstance(out, PeftModel) or config is None or config.is_prompt_learning:
-        ok = [n for n in method_names() if n in ("lora", "dora", "ia3", "adalora", "qlora")]
+    if not method.weight_adapter:
         raise ValueError(
-            f"{stage}: method {method.name} is not a peft adapter over the weights; use one of: {', '.join(ok)}"
+            f"{stage}: method {method.name} is not a peft adapter over the weights; "
+            f"use one of: {', '.join(weight_adapter_names())}"
         )
-    return out
+    return method.apply(model, params.method)
 
 
 def merged_sft(params: Params, sft_dir: Path) -> nn.Module:
     """The base model with the SFT artifact folded into its weights (the reference policy)."""
     method, _ = artifacts.read_manifest(sft_dir)
-    merge = method.hook("merge")
-    if merge is None:
-        mergeable = ", ".join(n for n in method_names() if get_method(n).mergeable)
-        raise ValueError(f"sft: method {method.name} cannot be merged into the base weights; mergeable: {mergeable}")
-    return merge(artifacts.load(load_base_for(params), sft_dir))
+    artifacts.check_mergeable(method, "sft: ")
+    return method.merge(artifacts.load(load_base_for(params), sft_dir))
 
 
 def load_policy(params: Params, policy_dir: Path) -> PeftModel:

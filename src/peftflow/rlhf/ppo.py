@@ -26,11 +26,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
 from peftflow.config import Params
 from peftflow.rlhf.policy import ScalarHead, decode, forward, response_ids, sample
 from peftflow.tokens import encode_prompt
+from peftflow.training.optim import make_scheduler
 
 log = logging.getLogger(__name__)
 # (prompts, response texts, response token ids up to their end-of-sequence) -> (B,) scores
@@ -143,7 +144,7 @@ def train(
     trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     updates = cfg.max_steps * ppo.epochs * -(-cfg.batch_size // ppo.mini_batch_size)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=updates)
+    scheduler = make_scheduler(cfg, optimizer, updates)
     kl_ctl = KlController(ppo.kl.coef, ppo.kl.target, ppo.kl.horizon)
     order, pos = list(range(len(encoded))), len(encoded)
     rng, shuffle = random.Random(params.seed), torch.Generator().manual_seed(params.seed)

@@ -5,31 +5,38 @@ token's hidden state, trained on preference pairs with the pairwise (Bradley-Ter
 Written here rather than with trl's RewardTrainer: that trainer needs a sequence-classification
 model with a SEQ_CLS peft config, while every peftflow method adapts a causal LM through its one
 ``apply``. A head on the causal LM's trunk keeps every method usable for the reward model, and the
-loop is the training core's (same sampler, optimizer and schedule), so it is seeded the same way.
+loop is the training toolbox's (same sampler, optimizer, schedule, accumulation, clipping and
+checkpoints as SFT), so it is seeded, normalized and resumed the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
 from peftflow import artifacts
 from peftflow.atomic import atomic_dir
-from peftflow.config import Params
+from peftflow.config import Params, fingerprint
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
 from peftflow.rlhf import policy
 from peftflow.rlhf.policy import ScalarHead
 from peftflow.tokens import left_pad
-from peftflow.train import Sampler, build_model, count_parameters, make_optimizer, peak_memory_bytes, reset_peak_memory
+from peftflow.training import checkpoint
+from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
+from peftflow.training.optim import make_optimizer, make_scheduler, mixed_precision, optimizer_step
+from peftflow.training.sampler import Sampler
+from peftflow.training.sft import build_model
 
 log = logging.getLogger(__name__)
 HEAD_FILE = "score_head.safetensors"
@@ -85,75 +92,113 @@ def train(
     callbacks: tuple[Callable[[dict[str, float], int], None], ...] = (),
     progress: bool = True,
 ) -> dict:
-    """Train a reward model on ``pairs``; save it to ``out_dir``; the summary (with held-out accuracy)."""
+    """Train a reward model on ``pairs``; save it to ``out_dir``; the summary (with held-out accuracy).
+
+    The toolbox's loop: the sampler, the method's optimizer, the warmup + decay schedule, one
+    accumulated, clipped optimizer step normalized by the step's pairs, the method's hooks, and
+    checkpoints in ``out_dir``'s folder that resume exactly (``train.save_every``).
+    """
     cfg, started_at = params.train, time.perf_counter()
     reset_peak_memory()
     set_seed(params.seed)
-    tokenizer, device = load_tokenizer(params.model), policy.device()
-    model = RewardModel(build_model(params)).to(device)
-    trainable, total = count_parameters(model)
-    limit = params.data.max_length
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False)
+    method = get_method(params.method.name)
+
+    # the data: each example is a (chosen, rejected) pair, both texts in one left-padded batch
+    tokenizer, limit = load_tokenizer(params.model), params.data.max_length
     chosen = _encode(tokenizer, [p["prompt"] + p["chosen"] for p in pairs], limit)
     rejected = _encode(tokenizer, [p["prompt"] + p["rejected"] for p in pairs], limit)
-    sampler = Sampler([len(c) + len(r) for c, r in zip(chosen, rejected, strict=True)], cfg.batch_size, params.seed)
-    optimizer = make_optimizer(model.backbone, params)
-    optimizer.add_param_group({"params": list(model.head.parameters()), "weight_decay": 0.0})
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    sampler = Sampler(
+        [len(c) + len(r) for c, r in zip(chosen, rejected, strict=True)],
+        cfg.batch_size,
+        params.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
     )
+
+    def batch_of(rows: list[int]) -> dict[str, torch.Tensor]:
+        return left_pad([chosen[i] for i in rows] + [rejected[i] for i in rows], tokenizer.pad_token_id)
+
+    def pairs_in(batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def bradley_terry(model: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rewards = model(batch)
+        n = rewards.shape[0] // 2
+        return -nn.functional.logsigmoid(rewards[:n] - rewards[n:]).sum()  # summed over the pairs
+
+    # the model and what trains it
+    model = RewardModel(build_model(params))
+    trainable, total = count_parameters(model)
+    optimizer = make_optimizer(model.backbone, cfg, method, params.method)
+    optimizer.add_param_group({"params": list(model.head.parameters()), "weight_decay": 0.0})
+    scheduler = make_scheduler(cfg, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    backbone = lambda: accelerator.unwrap_model(model).backbone  # noqa: E731  (what the method's hooks act on)
+
+    ckpt_root = Path(out_dir).parent / "checkpoints"
+    state = {"step": 0, "history": [], "evals": [], "train_seconds": 0.0, "params": fingerprint(params)}
+    ckpt = checkpoint.latest(ckpt_root)
+    if ckpt is not None:
+        unwrapped = accelerator.unwrap_model(model)
+        state = checkpoint.load(ckpt, unwrapped, optimizer, scheduler, method, state["params"], unwrapped.backbone)
+        log.info("reward model: resumed from %s (step %d)", ckpt, state["step"])
+
+    # the loop
     eval_pairs = heldout[: cfg.eval_examples]
-    history, evals, seconds = [], [], 0.0
-    bar = tqdm(total=cfg.max_steps, desc="train reward model", disable=not progress, unit="step")
-    for step in range(1, cfg.max_steps + 1):
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train reward model", disable=not progress, unit="step")
+    while state["step"] < cfg.max_steps:
+        step = state["step"] + 1
         model.train()
         started = time.perf_counter()
-        loss_sum, acc_sum = 0.0, 0.0
-        for rows in sampler.step_indices(step, cfg.grad_accum):
-            batch = left_pad([chosen[i] for i in rows] + [rejected[i] for i in rows], tokenizer.pad_token_id)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                rewards = model({key: t.to(device) for key, t in batch.items()})
-            r_chosen, r_rejected = rewards[: len(rows)], rewards[len(rows) :]
-            loss = -nn.functional.logsigmoid(r_chosen - r_rejected).mean()  # Bradley-Terry
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            acc_sum += float((r_chosen > r_rejected).float().mean()) / cfg.grad_accum
-        if cfg.max_grad_norm:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - started
-        history.append({"step": step, "loss": loss_sum, "accuracy": acc_sum})
-        bar.set_postfix(loss=f"{loss_sum:.4f}", acc=f"{acc_sum:.2f}")
+        micro = [batch_of(rows) for rows in sampler.step_indices(step, cfg.grad_accum)]
+        result = optimizer_step(
+            model, micro, pairs_in, bradley_terry, optimizer, scheduler, accelerator, cfg.max_grad_norm, method, step,
+            backbone,
+        )  # fmt: skip
+        state["train_seconds"] += time.perf_counter() - started
+        state["step"] = step
+        state["history"].append({"step": step, "loss": result.loss})
+        bar.set_postfix(loss=f"{result.loss:.4f}")
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             for cb in callbacks:
-                cb({"train_loss": loss_sum, "train_pairwise_accuracy": acc_sum, "lr": scheduler.get_last_lr()[0]}, step)
+                cb({"train_loss": result.loss, "lr": scheduler.get_last_lr()[0]}, step)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            result = pairwise_accuracy(model, tokenizer, eval_pairs, params.eval.batch_size, limit)
-            evals.append({"step": step, **result})
+            found = pairwise_accuracy(model, tokenizer, eval_pairs, params.eval.batch_size, limit)
+            state["evals"].append({"step": step, **found})
             for cb in callbacks:
-                cb({"val_pairwise_accuracy": result["pairwise_accuracy"], "val_margin": result["margin"]}, step)
-            bar.write(f"step {step}: loss {loss_sum:.4f}, held-out pairwise accuracy {result['pairwise_accuracy']:.3f}")
+                cb({"val_pairwise_accuracy": found["pairwise_accuracy"], "val_margin": found["margin"]}, step)
+            bar.write(f"step {step}: loss {result.loss:.4f}, held-out pairwise accuracy {found['pairwise_accuracy']:.3f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            checkpoint.save(
+                ckpt_root, step, unwrapped, optimizer, scheduler, state, cfg.keep_checkpoints, method, unwrapped.backbone
+            )
     bar.close()
+
+    # the held-out figures, the artifact and the summary
+    model = accelerator.unwrap_model(model)
     final = pairwise_accuracy(model, tokenizer, heldout, params.eval.batch_size, limit)
     save(model, params, out_dir)
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the artifact supersedes them
+    history = state["history"]
     return {
         "steps": cfg.max_steps,
         "first_train_loss": history[0]["loss"],
         "final_train_loss": history[-1]["loss"],
         "history": history,
-        "evals": evals,
+        "evals": state["evals"],
         "test_pairs": len(heldout),
         **{f"test_{k}": v for k, v in final.items()},
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100 * trainable / total,
-        "train_seconds": seconds,
+        "train_seconds": state["train_seconds"],
         "wall_seconds": time.perf_counter() - started_at,
         "peak_memory_bytes": peak_memory_bytes(),
         "artifact_bytes": artifacts.size_bytes(out_dir),
-        "device": str(device),
+        "device": str(accelerator.device),
     }
 
 

@@ -26,10 +26,10 @@ VALUE_HEAD = "value_head.safetensors"
 def sft(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callbacks, progress: bool) -> dict:
     """The training core on prompt -> continuation examples; test loss beside the base model's."""
     from peftflow.evaluate import evaluate_run
-    from peftflow.train import train
+    from peftflow.training.sft import train
 
     params.data.out_dir = params.rlhf.data.out_dir / "sft"
-    summary = train(params, resume=False, callbacks=callbacks, progress=progress)
+    summary = train(params, resume=False, callbacks=callbacks, progress=progress).model_dump()
     metrics = evaluate_run(run_dir, params)
     keep = (
         "steps",
@@ -43,7 +43,7 @@ def sft(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callb
         "artifact_bytes",
     )
     return {
-        **{k: summary[k] for k in keep if k in summary},
+        **{k: summary[k] for k in keep if summary.get(k) is not None},
         "test_loss": metrics["test_loss"],
         "test_perplexity": metrics["test_perplexity"],
         "zeroshot_test_loss": metrics["zeroshot"]["test_loss"],
@@ -102,7 +102,7 @@ def _evaluated(summary: dict, policy, tokenizer, reward_fn, params: Params, run_
 
 
 def ppo_stage(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callbacks, progress: bool) -> dict:
-    from peftflow.train import count_parameters, peak_memory_bytes, reset_peak_memory
+    from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
 
     reset_peak_memory()
     reward_fn = _reward_model(inputs, params)
@@ -127,7 +127,7 @@ def ppo_stage(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks:
 
 
 def dpo_stage(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callbacks, progress: bool) -> dict:
-    from peftflow.train import count_parameters, peak_memory_bytes, reset_peak_memory
+    from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
 
     reset_peak_memory()
     policy, tokenizer = _policy(params, inputs, "dpo")

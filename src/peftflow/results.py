@@ -1,0 +1,68 @@
+"""What crosses the layers, typed: a training run's summary, and the metric names in one place.
+
+``train_summary.json`` is a :class:`TrainSummary`; ``metrics.json`` holds the test metrics of
+:func:`peftflow.evaluate.evaluate_run` plus the :data:`EFFICIENCY` figures copied from the summary.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+# what training logs to its MLflow run once it ends (evaluation does not log them again)
+TRAIN_METRICS = (
+    "final_train_loss",
+    "artifact_bytes",
+    "peak_memory_bytes",
+    "trainable_params",
+    "total_params",
+    "trainable_pct",
+    "tokens_per_s",
+    "train_seconds",
+    "train_tokens",
+)
+# the training figures metrics.json repeats beside the test metrics
+EFFICIENCY = (
+    "trainable_params",
+    "total_params",
+    "trainable_pct",
+    "tokens_per_s",
+    "train_seconds",
+    "train_tokens",
+    "wall_seconds",
+    "peak_memory_bytes",
+    "artifact_bytes",
+    "steps",
+)
+# the metrics reproduce checks (efficiency figures vary with the machine's load)
+QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
+
+
+class TrainSummary(BaseModel):
+    """One supervised training run, as ``train_summary.json`` records it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    steps: int
+    finished: bool
+    final_train_loss: float | None
+    first_train_loss: float | None
+    history: list[dict[str, float]]  # {step, loss, lr} per optimizer step
+    evals: list[dict[str, float]]  # {step, val_loss} per periodic validation
+    trainable_params: int
+    total_params: int
+    trainable_pct: float
+    train_tokens: int  # prompt + completion tokens, no padding, all processes
+    train_seconds: float  # in optimizer steps only
+    tokens_per_s: float
+    peak_memory_bytes: int
+    wall_seconds: float  # the whole call: loading, training, evaluations, saving
+    device: str
+    mixed_precision: str
+    artifact_bytes: int | None = None  # set once the run finished and saved its artifact
+
+    def final_metrics(self) -> dict[str, float]:
+        """The :data:`TRAIN_METRICS` as numbers (a missing artifact counts 0 bytes)."""
+        values = self.model_dump()
+        values["artifact_bytes"] = values["artifact_bytes"] or 0
+        return {k: float(values[k]) for k in TRAIN_METRICS if values[k] is not None}

@@ -1,0 +1,108 @@
+"""Checkpoints that resume exactly: trained tensors, optimizer, scheduler, RNG states, the method's
+own training state and the recipe's ``state`` dict, written atomically (a ``.partial`` folder
+renamed when complete), the oldest pruned. A checkpoint records the fingerprint of the params that
+shape the trajectory (:func:`peftflow.config.fingerprint`) and is refused under other ones."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftflow.atomic import atomic_dir
+from peftflow.methods import Method
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save(
+    ckpt_root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    method: Method | None = None,
+    method_model=None,
+) -> Path:
+    """Write checkpoint step-N atomically; prune all but the newest ``keep``. ``method_model``: the
+    module the method's hooks act on, if not ``model`` (e.g. a reward model's backbone)."""
+    final = ckpt_root / f"step-{step:07d}"
+    with atomic_dir(final) as tmp:
+        torch.save(_trainable_state(model), tmp / "trainable.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        extra = method.state(method_model if method_model is not None else model) if method else None
+        if extra is not None:
+            torch.save(extra, tmp / "method_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+    for old in sorted(ckpt_root.glob("step-???????"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    done = sorted(p for p in ckpt_root.glob("step-???????") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load(
+    ckpt: Path,
+    model,
+    optimizer,
+    scheduler,
+    method: Method | None = None,
+    params: dict | None = None,
+    method_model=None,
+) -> dict:
+    """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuse it, before touching
+    anything, if it was made with other trajectory params than ``params`` (flattened)."""
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = state.get("params", {})
+    changed = sorted(k for k in saved.keys() | (params or {}).keys() if saved.get(k) != params.get(k)) if params else []
+    if changed:
+        raise ValueError(
+            f"{ckpt}: this checkpoint was made with other params ({', '.join(changed[:5])} changed); "
+            f"resume with the same params, or start over with --no-resume"
+        )
+    weights = torch.load(ckpt / "trainable.pt", weights_only=True)
+    named = dict(model.named_parameters())
+    missing = [n for n, p in named.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise ValueError(f"{ckpt}: checkpoint lacks trained tensors {missing[:3]}...; was it made by another method?")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            named[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    if method is not None and (ckpt / "method_state.pt").is_file():
+        method.load_state(
+            method_model if method_model is not None else model,
+            torch.load(ckpt / "method_state.pt", weights_only=False),
+        )
+    return state

@@ -1,0 +1,103 @@
+"""Optimizer, schedule and one optimizer step, shared by every recipe.
+
+One step accumulates gradients over its micro-batches (and processes) and normalizes the
+objective by the step's **units** counted over all of them (completion tokens for SFT, pairs for
+the reward model), so every unit weighs the same whichever micro-batch or process it fell in; a
+mean of per-micro-batch means would weigh the units of sparse micro-batches more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import get_scheduler
+
+from peftflow.config import TrainParams
+from peftflow.methods import Method
+
+# a recipe's objective for one micro-batch: the sum of its per-unit losses, a scalar tensor
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainParams, method: Method | None = None, method_params=None
+) -> torch.optim.Optimizer:
+    """The method's optimizer (AdamW unless it says otherwise) over the trainable parameters."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if method is None:
+        return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return method.optimizer(trainable, cfg.lr, cfg.weight_decay, method_params)
+
+
+def scheduler_name(cfg: TrainParams) -> str:
+    """transformers' name for ``cfg.scheduler`` after warmup: its "constant" would skip the warmup."""
+    return "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+
+
+def make_scheduler(cfg: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int | None = None):
+    """``cfg.scheduler`` after ``cfg.warmup_steps`` of linear warmup, over ``total_steps`` (default max_steps)."""
+    return get_scheduler(
+        scheduler_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps or cfg.max_steps
+    )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the objective per unit over the whole step (all micro-batches and processes)
+    units: int  # units the loss was normalized by (all processes)
+
+
+def optimizer_step(
+    model,
+    micro_batches: list[dict],
+    units: Callable[[dict], int],
+    objective: Objective,
+    optimizer,
+    scheduler,
+    accelerator,
+    max_grad_norm: float | None,
+    method: Method | None = None,
+    step: int = 0,
+    method_model: Callable[[], torch.nn.Module] | None = None,
+) -> StepResult:
+    """One optimizer step over gradient-accumulated micro-batches.
+
+    ``units(batch)``: how many units a micro-batch holds (known before the forward pass);
+    ``objective(model, batch)``: the sum of its per-unit losses. ``method``: its hooks run here
+    (``extra_loss`` added once per step, ``after_step``), on ``method_model()`` (default: the
+    unwrapped model).
+    """
+    hooked = method_model or (lambda: accelerator.unwrap_model(model))
+    world = accelerator.num_processes
+    local = sum(units(b) for b in micro_batches)
+    total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")) if world > 1 else local
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        batch = {key: t.to(accelerator.device) for key, t in batch.items()}
+        with accelerator.autocast():
+            summed = objective(model, batch)
+            extra = method.extra_loss(hooked()) if method is not None else None
+        # DDP averages gradients over processes: times world makes it the sum over all, / total the mean
+        scaled = summed * world / max(total, 1)  # with one process exactly the mean (x1 is exact)
+        if extra is not None:
+            scaled = scaled + extra / len(micro_batches)
+        accelerator.backward(scaled)
+        loss_sum += summed.detach().float()
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if method is not None:
+        method.after_step(hooked(), step)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+    return StepResult(loss=float(loss_sum) / max(total, 1), units=total)

@@ -1,0 +1,198 @@
+"""Supervised fine-tuning, the recipe every method trains with, read top to bottom.
+
+Loss is causal-LM cross-entropy on the completion tokens only, normalized by the step's
+completion tokens over all micro-batches and processes. The loop does gradient accumulation,
+warmup + decay, gradient clipping, bf16 autocast on CUDA (fp32 on CPU), periodic validation, and
+checkpoints that resume exactly: trained weights, optimizer, scheduler and RNG states are saved,
+and the data order is a pure function of (seed, step), so a resumed run sees the same batches and
+reproduces the uninterrupted loss trajectory. ``accelerate launch`` runs the same loop on several
+GPUs: each process takes its own slice of every global batch.
+
+Why a hand-written loop rather than transformers' Trainer: it is short, its per-step cost is
+measured against a plain loop in ``bench/step_bench.py``, and exact resume of a data position
+is simpler to guarantee when the loop owns the sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from peftflow import artifacts, data
+from peftflow.config import Params, fingerprint, save_params
+from peftflow.evaluate import heldout_loss
+from peftflow.methods import get_method
+from peftflow.model import load_base_for, load_tokenizer
+from peftflow.results import TrainSummary
+from peftflow.tokens import collate, completion_loss_sum, completion_tokens, encode
+from peftflow.training import checkpoint
+from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
+from peftflow.training.optim import make_optimizer, make_scheduler, mixed_precision, optimizer_step
+from peftflow.training.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[dict[str, float], int], None]  # (metrics, step), e.g. to log to MLflow
+
+
+def resume_fingerprint(params: Params, data_version: str) -> dict:
+    """What a checkpoint must have been made with to be resumed: the params that change the
+    trained model (declared in the schema) and the data version it trained on."""
+    return {**fingerprint(params), "data.version": data_version}
+
+
+def build_model(params: Params) -> torch.nn.Module:
+    """The base model with params.method applied: only what the method trains requires grad."""
+    method = get_method(params.method.name)
+    model = method.apply(load_base_for(params), params.method)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise ValueError(f"method {method.name}: no parameter is trainable; check its params")
+    log.info(
+        "%s: %s of %s parameters trainable (%.3f%%)",
+        method.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return model
+
+
+def train(
+    params: Params,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    callbacks: tuple[Callback, ...] = (),
+    progress: bool = True,
+    model: torch.nn.Module | None = None,
+) -> TrainSummary:
+    """Fine-tune with params.method; write the trained artifact and a summary to params.run_dir.
+
+    resume: continue from the newest complete checkpoint in the run folder, if any.
+    stop_after: stop (after checkpointing) once this step is done, as if interrupted.
+    model: a model from :func:`build_model` to train in place (default: build one).
+    Returns the summary also written to ``train_summary.json``.
+    """
+    started_at = time.perf_counter()
+    reset_peak_memory()
+    cfg, method = params.train, get_method(params.method.name)
+    run_dir = params.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if not resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    set_seed(params.seed)
+    # step_scheduler_with_optimizer=False: max_steps counts global steps, so the schedule steps once
+    # per optimizer step, not once per process
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False)
+
+    # the data
+    tokenizer = load_tokenizer(params.model)
+    manifest = data.read_manifest(params.data.out_dir)
+    train_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "train")]
+    val_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "val")]
+    val_set = val_set[: cfg.eval_examples]
+    sampler = Sampler(
+        [len(e) for e in train_set], cfg.batch_size, params.seed, accelerator.process_index, accelerator.num_processes
+    )
+
+    # the model, what trains it, and where it resumes from
+    model = build_model(params) if model is None else model
+    trainable, total = count_parameters(model)
+    virtual = method.input_virtual_tokens(params.method)
+    optimizer = make_optimizer(model, cfg, method, params.method)
+    scheduler = make_scheduler(cfg, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    objective = partial(completion_loss_sum, virtual=virtual)
+
+    fp = resume_fingerprint(params, manifest["version"])
+    state = {"step": 0, "history": [], "evals": [], "tokens": 0, "train_seconds": 0.0, "params": fp}
+    ckpt = checkpoint.latest(ckpt_root) if resume else None
+    if ckpt is not None:
+        state = checkpoint.load(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, method, fp)
+        log.info("resumed from %s (step %d)", ckpt, state["step"])
+    else:  # a fresh start: nothing of an earlier run may sit beside the new one
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+        for stale in ("train_summary.json", "metrics.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    save_params(params, run_dir / "params.yaml")
+
+    def evaluate_now(step: int) -> None:
+        loss = heldout_loss(model, val_set, tokenizer.pad_token_id, cfg.batch_size, accelerator.device, virtual)
+        state["evals"].append({"step": step, "val_loss": loss})
+        for cb in callbacks:
+            cb({"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}, step)
+
+    # the loop
+    last = min(cfg.max_steps, stop_after or cfg.max_steps)
+    bar = tqdm(
+        total=cfg.max_steps, initial=state["step"], desc=f"train {method.name}", disable=not progress, unit="step"
+    )
+    model.train()
+    while state["step"] < last:
+        step = state["step"] + 1
+        started = time.perf_counter()
+        micro = [
+            collate([train_set[i] for i in rows], tokenizer.pad_token_id)
+            for rows in sampler.step_indices(step, cfg.grad_accum)
+        ]
+        result = optimizer_step(
+            model, micro, completion_tokens, objective, optimizer, scheduler, accelerator, cfg.max_grad_norm,
+            method, step,
+        )  # fmt: skip
+        state["train_seconds"] += time.perf_counter() - started
+        state["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes
+        state["step"] = step
+        state["history"].append({"step": step, "loss": result.loss, "lr": scheduler.get_last_lr()[0]})
+        tok_s = state["tokens"] / max(state["train_seconds"], 1e-9)
+        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            for cb in callbacks:
+                cb({"train_loss": result.loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}, step)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            evaluate_now(step)
+            model.train()
+            bar.write(f"step {step}: train loss {result.loss:.4f}, val loss {state['evals'][-1]['val_loss']:.4f}")
+        if cfg.save_every and (step % cfg.save_every == 0 or step == last) and step < cfg.max_steps:
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model)
+                checkpoint.save(ckpt_root, step, unwrapped, optimizer, scheduler, state, cfg.keep_checkpoints, method)
+    bar.close()
+
+    # the artifact and the summary
+    history = state["history"]
+    summary = TrainSummary(
+        method=method.name,
+        steps=state["step"],
+        finished=state["step"] >= cfg.max_steps,
+        final_train_loss=history[-1]["loss"] if history else None,
+        first_train_loss=history[0]["loss"] if history else None,
+        history=history,
+        evals=state["evals"],
+        trainable_params=trainable,
+        total_params=total,
+        trainable_pct=100 * trainable / total,
+        train_tokens=state["tokens"],
+        train_seconds=state["train_seconds"],
+        tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
+        peak_memory_bytes=peak_memory_bytes(),
+        wall_seconds=time.perf_counter() - started_at,  # this call: loading, training, evals, saving
+        device=str(accelerator.device),
+        mixed_precision=accelerator.mixed_precision,
+    )
+    if summary.finished and accelerator.is_main_process:
+        out = artifacts.save(accelerator.unwrap_model(model), method, run_dir / "model", params.method)
+        summary.artifact_bytes = artifacts.size_bytes(out)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete; its artifact supersedes them
+    (run_dir / "train_summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    return summary
