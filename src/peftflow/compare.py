@@ -2,7 +2,7 @@
 token budget, N seeds per method. The steps as plain functions; ``flows/pipeline.py`` runs them.
 
 - :func:`plan`: which (method, seed) runs, and how many optimizer steps each needs to see the token
-  budget. Batch *k* of a run is a pure function of (seed, *k*) (:class:`peftflow.train.Sampler`), so
+  budget. Batch *k* of a run is a pure function of (seed, *k*) (:class:`peftflow.training.sampler.Sampler`), so
   the steps are counted exactly, before training: the first step count whose batches hold at least
   ``compare.token_budget`` training tokens (prompt + answer, no padding) for that method's batch size.
 - :func:`start`: the parent MLflow run; each (method, seed) is a child run (``mlflow.parentRunId``).
@@ -66,7 +66,7 @@ def default_methods(project: Project) -> list[str]:
 
 def steps_for_budget(lengths: list[int], batch_size: int, grad_accum: int, seed: int, budget: int) -> int:
     """The fewest optimizer steps whose batches hold at least ``budget`` tokens (one process)."""
-    from peftflow.train import Sampler
+    from peftflow.training.sampler import Sampler
 
     sampler = Sampler(lengths, batch_size, seed)
     tokens, step = 0, 0
@@ -127,7 +127,6 @@ def run_project(project: Project, run: Run) -> Project:
 def start(project: Project, the_plan: Plan, data_version: DataVersion, tags: dict[str, str] | None = None) -> str:
     """The parent MLflow run (RUNNING until :func:`finish`); its id."""
     params = project.params(None)
-    client, experiment_id = tracking.connect(params, project.root)
     run_tags = {
         PARENT_TAG: "parent",
         "peftflow.data_version": data_version.version,
@@ -135,7 +134,6 @@ def start(project: Project, the_plan: Plan, data_version: DataVersion, tags: dic
         **tracking.code_version(project.root),
         **(tags or {}),
     }
-    run_id = client.create_run(experiment_id, tags=run_tags, run_name="compare").info.run_id
     flat = {
         "compare.methods": ",".join(the_plan.methods),
         "compare.seeds": ",".join(map(str, the_plan.seeds)),
@@ -143,9 +141,7 @@ def start(project: Project, the_plan: Plan, data_version: DataVersion, tags: dic
         "compare.device": the_plan.device,
         **{f"steps.{r.method}.{r.seed}": r.max_steps for r in the_plan.runs},
     }
-    tracking.log_param_dict(client, run_id, flat)
-    client.update_run(run_id, status="RUNNING")
-    return run_id
+    return tracking.start_run(params, project.root, "compare", run_tags, logged=flat).run_id
 
 
 def child_tags(parent_run_id: str, run: Run) -> dict[str, str]:
@@ -238,25 +234,26 @@ def finish(
     log.info("comparison written to %s", out)
     failed = failures(records) if any(r["error"] for r in records) else None
     if parent_run_id:
-        client, _ = tracking.connect(params, project.root)
+        client, experiment_id = tracking.connect(params, project.root)
+        run = tracking.TrackedRun(client, parent_run_id, experiment_id)
         try:
-            client.log_artifacts(parent_run_id, str(out), "compare")
+            run.log_artifacts(out, "compare")
             for r in table:
                 if r.get("runs"):
                     summary = {f"{metric}_mean": r[f"{metric}_mean"], "peak_memory_bytes": r["peak_memory_bytes"]}
                     summary.update({k: r[k] for k in ("test_loss", "trainable_params", "tokens_per_s") if r.get(k)})
-                    tracking.log_metrics(client, parent_run_id, {f"{r['method']}.{k}": v for k, v in summary.items()})
+                    run.log_metrics({f"{r['method']}.{k}": v for k, v in summary.items()})
         except BaseException:
-            client.set_terminated(parent_run_id, "FAILED")
+            tracking.end_run(run, "FAILED")
             raise
-        client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+        tracking.end_run(run, "FAILED" if failed else "FINISHED")
     return {"table": table, "notes": lines, "out_dir": str(out), "parent_run_id": parent_run_id, "failed": failed}
 
 
 def abort(project: Project, parent_run_id: str, status: str = "FAILED") -> None:
     """End the parent run of a comparison that stopped before :func:`finish`."""
-    client, _ = tracking.connect(project.params(None), project.root)
-    client.set_terminated(parent_run_id, status)
+    client, experiment_id = tracking.connect(project.params(None), project.root)
+    tracking.end_run(tracking.TrackedRun(client, parent_run_id, experiment_id), status)
 
 
 def failures(records: list[dict[str, Any]]) -> str:

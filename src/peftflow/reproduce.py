@@ -14,8 +14,9 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from peftflow import data, tracking, versioning
+from peftflow import data, runs, tracking, versioning
 from peftflow.config import Params
+from peftflow.results import QUALITY_METRICS
 
 
 def reproduce(run_id: str, root: Path, params: Params, allow_code_change: bool = False) -> dict[str, Any]:
@@ -49,8 +50,8 @@ def reproduce(run_id: str, root: Path, params: Params, allow_code_change: bool =
         if md5 == "none":
             raise versioning.VersioningError(f"run {run_id} has data version {want} but no DVC hash to restore it by")
         run_params.data.out_dir = versioning.restored(root, md5, run_params.train.output_dir)
-    new_id = tracking.finetune(run_params, root, md5, tags={"peftflow.reproduces": run_id})
-    tracking.evaluate(new_id, root, run_params)
+    new_id = runs.train_tracked(run_params, root, md5, tags={"peftflow.reproduces": run_id})
+    runs.evaluate_tracked(new_id, root, run_params)
     before, after = dict(original.data.metrics), tracking.run_metrics(client, new_id)
-    drift = {k: after[k] - before[k] for k in tracking.QUALITY_METRICS if k in before and k in after}
+    drift = {k: after[k] - before[k] for k in QUALITY_METRICS if k in before and k in after}
     return {"original": run_id, "run_id": new_id, "drift": drift, "original_metrics": before, "metrics": after}

@@ -1,11 +1,12 @@
-"""MLflow runs: one per fine-tuning, with its lineage, params, metrics, data and artifact.
+"""MLflow: the one place that owns a run's life, and knows MLflow, not training.
 
-A run logs the resolved params (flattened, and the merged YAML as ``params.yaml``), per-step train
-and validation metrics, the test metrics beside the base model's zero-shot figures, efficiency
-figures, the train and test splits as MLflow dataset inputs (digest = the data version), and the
-lineage tags below. Its ``model/`` artifact is what the method trained, plus ``params.yaml``, so a
-registered version is self-contained. The run ends FAILED if training fails, and evaluation reads
-the artifact back from MLflow: what is scored is exactly what gets registered.
+:func:`tracked_run` opens a run with its lineage tags (which code, data, model and seed made it),
+logs the resolved params (flattened, and the merged YAML as ``params.yaml``, also inside the
+``model/`` artifact so a registered version is self-contained), hands the caller a
+:class:`TrackedRun` to log metrics and artifacts through, and marks it FINISHED, or FAILED (KILLED
+on Ctrl-C) if the block raises. Fine-tuning, every RLHF stage, a comparison's child runs and
+reproduce all open their runs here; a comparison's parent run, which outlives one call, uses
+:func:`start_run` / :func:`end_run`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from peftflow import data
 from peftflow.config import Params, flatten, read_resolved, save_params
 from peftflow.versioning import git_commit, git_dirty
 
@@ -46,22 +46,6 @@ LINEAGE_KEYS = (
     "peftflow.version",
     *(f"pkg.{p}" for p in PACKAGES),
 )
-# what training logs once it ends (metrics.json repeats them; evaluation does not log them again)
-TRAIN_METRICS = (
-    "final_train_loss",
-    "artifact_bytes",
-    "peak_memory_bytes",
-    "trainable_params",
-    "total_params",
-    "trainable_pct",
-    "tokens_per_s",
-    "train_seconds",
-    "train_tokens",
-)
-# the metrics reproduce checks (efficiency figures vary with the machine's load)
-QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
-
-
 class TrackingError(RuntimeError):
     """MLflow is unreachable or lacks what was asked for; one line saying which."""
 
@@ -142,7 +126,7 @@ def lineage(params: Params, root: Path, manifest: dict[str, Any], data_md5: str 
     return tags
 
 
-def _log_datasets(client: MlflowClient, run_id: str, params: Params, manifest: dict, md5: str | None) -> None:
+def log_datasets(client: MlflowClient, run_id: str, params: Params, manifest: dict, md5: str | None) -> None:
     """The train and test splits as MLflow dataset inputs; digest = the data version."""
     inputs = []
     for split, context in (("train", "training"), ("test", "testing")):
@@ -175,34 +159,61 @@ def running(client: MlflowClient, run_id: str) -> Iterator[None]:
     client.set_terminated(run_id, "FINISHED")
 
 
-def finetune(params: Params, root: Path, data_md5: str | None, tags: dict[str, str] | None = None) -> str:
-    """Train ``params.method`` in a new MLflow run; its id. ``params`` paths are relative to ``root``."""
-    from peftflow.train import train
+class TrackedRun:
+    """An open MLflow run: what a caller logs through while :func:`tracked_run` holds it."""
 
-    root = Path(root)
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Also the per-step callback a training recipe takes: ``(metrics, step)``."""
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def log_artifact(self, path: Path, under: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), under)
+
+    def log_artifacts(self, folder: Path, under: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), under)
+
+    def log_json(self, name: str, value: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_text(json.dumps(value, indent=2, default=str) + "\n")
+            self.client.log_artifact(self.run_id, str(Path(tmp) / name))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+
+def start_run(
+    params: Params, root: Path, name: str, tags: dict[str, str], logged: dict[str, Any] | None = None
+) -> TrackedRun:
+    """A new RUNNING run with ``tags`` and either ``params`` (flattened, and as ``params.yaml``) or,
+    given, the flat ``logged`` values as its params. End it with :func:`end_run`."""
     client, experiment_id = connect(params, root)
-    local = params.rebased(root)
-    manifest = data.read_manifest(local.data.out_dir)
-    run_tags = {**lineage(params, root, manifest, data_md5), **(tags or {})}
-    run_id = client.create_run(experiment_id, tags=run_tags, run_name=params.method.name).info.run_id
-    with running(client, run_id):
-        params = params.model_copy(update={"train": params.train.model_copy(update={"run_name": run_id})})
-        local = local.model_copy(update={"train": local.train.model_copy(update={"run_name": run_id})})
-        log_params(client, run_id, params)
-        _log_datasets(client, run_id, params, manifest, data_md5)
+    run = TrackedRun(client, client.create_run(experiment_id, tags=tags, run_name=name).info.run_id, experiment_id)
+    try:
+        if logged is None:
+            log_params(client, run.run_id, params)
+            log_params_file(client, run.run_id, params)
+        else:
+            log_param_dict(client, run.run_id, logged)
+    except BaseException:
+        end_run(run, "FAILED")
+        raise
+    return run
 
-        def to_mlflow(metrics: dict[str, float], step: int) -> None:
-            log_metrics(client, run_id, metrics, step)
 
-        summary = train(local, resume=False, callbacks=(to_mlflow,))
-        final = {"final_train_loss": summary["final_train_loss"], "artifact_bytes": summary.get("artifact_bytes", 0)}
-        final.update({k: summary[k] for k in TRAIN_METRICS if k not in final})
-        log_metrics(client, run_id, final, summary["steps"])
-        log_params_file(client, run_id, params)
-        client.log_artifact(run_id, str(local.run_dir / "train_summary.json"))
-        client.log_artifacts(run_id, str(local.run_dir / "model"), "model")
-    log.info("MLflow run %s: %s trained, artifact logged", run_id, params.method.name)
-    return run_id
+def end_run(run: TrackedRun, status: str = "FINISHED") -> None:
+    """FINISHED, FAILED or KILLED."""
+    run.client.set_terminated(run.run_id, status)
+
+
+@contextlib.contextmanager
+def tracked_run(params: Params, root: Path, name: str, tags: dict[str, str]) -> Iterator[TrackedRun]:
+    """A run for the block: FINISHED if it returns, FAILED (KILLED on Ctrl-C) if it raises."""
+    run = start_run(params, root, name, tags)
+    with running(run.client, run.run_id):
+        yield run
 
 
 def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
@@ -249,32 +260,6 @@ def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
     flat = flatten({k: v for k, v in result.items() if k != "zeroshot"})
     flat.update({f"zeroshot_{k}": v for k, v in flatten(result.get("zeroshot", {})).items()})
     return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def score_artifact(run_dir: Path, root: Path, params: Params) -> dict[str, Any]:
-    """Evaluate a downloaded ``run_dir/model`` (with its params.yaml) on the test split of ``params``'s
-    data folder; writes and returns metrics.json."""
-    from peftflow.evaluate import evaluate_run
-
-    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
-    artifact_params.data.out_dir = params.rebased(root).data.out_dir
-    return evaluate_run(run_dir, artifact_params)
-
-
-def evaluate(run_id: str, root: Path, params: Params) -> dict[str, Any]:
-    """Score the run's logged artifact on the test split; log the metrics to the run. Returns metrics.json.
-
-    ``params`` gives the tracking store and, when the run's data is elsewhere, the data folder.
-    """
-    client, _ = connect(params, root)
-    with downloaded(client, run_id) as run_dir:
-        with running(client, run_id):
-            result = score_artifact(run_dir, root, params)
-            scored = {k: v for k, v in metrics_to_log(result).items() if k not in TRAIN_METRICS}  # logged already
-            log_metrics(client, run_id, scored)
-            client.log_artifact(run_id, str(run_dir / "metrics.json"))
-            client.set_tag(run_id, "peftflow.evaluated", "true")
-    return result
 
 
 def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:

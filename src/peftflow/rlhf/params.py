@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from peftflow.schema import FIGURES, MODEL, NOTHING, Strict
+
+_Strict = Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _for(stages: tuple[str, ...], level: str, default):
+    """A section only ``stages`` read (the others' fingerprints leave it out), at ``level``."""
+    return Field(default, json_schema_extra={"affects": level, "stages": list(stages)})
 
 
 class RlhfData(_Strict):
@@ -70,9 +75,11 @@ class RlhfEval(_Strict):
 
 
 class RlhfParams(_Strict):
-    data: RlhfData = RlhfData()
-    generation: Generation = Generation()
-    ppo: PpoParams = PpoParams()
-    dpo: DpoParams = DpoParams()
-    eval: RlhfEval = RlhfEval()
-    model_prefix: str = "peftflow-rlhf"  # registered models: <prefix>-sft, -reward, -ppo, -dpo
+    # the prepared data is identified by its DVC hash, which every stage's fingerprint holds
+    data: RlhfData = Field(RlhfData(), json_schema_extra={"affects": NOTHING})
+    generation: Generation = _for(("ppo", "dpo"), MODEL, Generation())  # PPO's rollouts; both stages' evaluation
+    ppo: PpoParams = _for(("ppo",), MODEL, PpoParams())
+    dpo: DpoParams = _for(("dpo",), MODEL, DpoParams())
+    eval: RlhfEval = _for(("ppo", "dpo"), FIGURES, RlhfEval())
+    # registered models: <prefix>-sft, -reward, -ppo, -dpo
+    model_prefix: str = Field("peftflow-rlhf", json_schema_extra={"affects": NOTHING})

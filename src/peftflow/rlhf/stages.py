@@ -7,8 +7,9 @@ stage file names), ``params/rlhf/<stage>.yaml``, then overrides; ``STAGE:KEY=VAL
 apply to that stage only.
 
 A stage is reused, not retrained, when a registered version of ``<model_prefix>-<stage>`` carries
-the same fingerprint: the stage's resolved params (minus tracking and bookkeeping), the DVC hash
-of the RLHF data and the exact registry versions of its inputs. So a changed reward model re-runs
+the same fingerprint: the stage's resolved params that change its model or figures (declared in
+the schema, :func:`peftflow.config.fingerprint`; ``rlhf.*`` sections only for the stages that read
+them), the DVC hash of the RLHF data and the exact registry versions of its inputs. So a changed reward model re-runs
 the reward stage and the stages that consume it, and SFT is reused. Code changes are not in the
 fingerprint (as in nightly retraining): pass ``force`` to retrain.
 """
@@ -19,33 +20,19 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from peftflow import registry, tracking, versioning
-from peftflow.config import Params, ParamsError, flatten, merge_files, method_file, named_method, parse_override
+from peftflow import config, registry, tracking, versioning
+from peftflow.config import Params, ParamsError, merge_files, method_file, named_method, parse_override
 from peftflow.pipeline import DataVersion, Project, check_overrides
 
 log = logging.getLogger(__name__)
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "dpo": ("sft", "reward")}
-# the rlhf.* sections a stage reads (its fingerprint ignores the others)
-READS = {"sft": (), "reward": (), "ppo": ("generation", "ppo", "eval"), "dpo": ("generation", "dpo", "eval")}
-NOT_FINGERPRINT = (
-    "tracking.",
-    "promote.",
-    "nightly.",
-    "train.output_dir",
-    "train.run_name",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.log_every",
-    "rlhf.model_prefix",
-)
 
 
 class StageResult(BaseModel):
@@ -72,31 +59,28 @@ def stage_overrides(overrides: list[str], stage: str) -> list[str]:
     return out
 
 
-def load_stage(stage: str, params_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+def load_stage(
+    stage: str, params_dir: Path, overrides: list[str] | tuple[str, ...] = (), files: config.Files | None = None
+) -> Params:
     """The resolved params of one stage (see the module docstring for the merge order)."""
     if stage not in STAGES:
         raise ParamsError(f"stage {stage!r}: unknown; stages: {', '.join(STAGES)}")
     params_dir = Path(params_dir)
     stage_file = params_dir / "rlhf" / f"{stage}.yaml"
     mine = stage_overrides(list(overrides), stage)
-    method = named_method(stage_file)
+    method = named_method(stage_file, files)
     for item in mine:
         path, value = parse_override(item)
         method = value if path == ("method", "name") else method
     if not method:
         raise ParamsError(f"{stage_file}: method.name: required key is missing")
-    method_path = method_file(params_dir, method, stage_file)
-    files = [params_dir / "base.yaml", params_dir / "rlhf" / "base.yaml", method_path, stage_file]
-    return merge_files(files, mine)
+    method_path = method_file(params_dir, method, stage_file, files)
+    paths = [params_dir / "base.yaml", params_dir / "rlhf" / "base.yaml", method_path, stage_file]
+    return merge_files(paths, mine, files)
 
 
 def fingerprint(stage: str, params: Params, data_md5: str | None, inputs: dict[str, str]) -> str:
-    flat = flatten(params.to_dict())
-    keep = {
-        k: v
-        for k, v in flat.items()
-        if not k.startswith(NOT_FINGERPRINT) and (not k.startswith("rlhf.") or k.split(".")[1] in READS[stage])
-    }
+    keep = config.fingerprint(params, config.FIGURES, stage=stage)
     blob = json.dumps({"stage": stage, "params": keep, "data": data_md5, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -104,7 +88,7 @@ def fingerprint(stage: str, params: Params, data_md5: str | None, inputs: dict[s
 def prepare_data(project: Project) -> DataVersion:
     """``dvc repro`` of the base model (embedded only) and the RLHF data, ``dvc push``; the data version."""
     check_overrides(project.overrides)
-    params = load_stage("sft", project.root / project.params_dir, project.overrides)
+    params = load_stage("sft", project.root / project.params_dir, project.overrides, project.files)
     targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["rlhf_prepare"]
     ran = versioning.repro(project.root, targets)
     versioning.push(project.root, ["rlhf_prepare"])
@@ -140,14 +124,14 @@ def run_stage(
     """Train, evaluate and register one stage, or reuse the version its fingerprint names."""
     from peftflow.rlhf.runs import TRAINERS
 
-    params = load_stage(stage, project.root / project.params_dir, project.overrides)
+    params = load_stage(stage, project.root / project.params_dir, project.overrides, project.files)
     missing = [s for s in INPUTS[stage] if s not in inputs]
     if missing:
         raise ValueError(f"stage {stage}: needs the {', '.join(missing)} stage(s) first")
     used = {s: f"{inputs[s].model_name}/{inputs[s].version}" for s in INPUTS[stage]}
     fp = fingerprint(stage, params, data_version.dvc_md5, used)
     name = f"{params.rlhf.model_prefix}-{stage}"
-    client, experiment_id = tracking.connect(params, project.root)
+    client, _ = tracking.connect(params, project.root)
     found = None if force else _reusable(client, name, fp)
     if found is not None:
         log.info("%s: reusing %s version %s (same params, data and inputs)", stage, name, found.version)
@@ -169,31 +153,23 @@ def run_stage(
         **{f"peftflow.rlhf.input.{s}": v for s, v in used.items()},
     }
     run_tags = {**tracking.lineage(params, project.root, manifest, data_version.dvc_md5), **extra, **(tags or {})}
-    run_id = client.create_run(experiment_id, tags=run_tags, run_name=f"rlhf-{stage}").info.run_id
     input_dirs = {
         s: registry.fetched(client, client.get_model_version(r.model_name, r.version), project.root, params)
         for s, r in inputs.items()
         if s in INPUTS[stage]
     }
-    with tracking.running(client, run_id):
-        tracking.log_params(client, run_id, params)
+    with tracking.tracked_run(params, project.root, f"rlhf-{stage}", run_tags) as run:
+        run_id = run.run_id
         run_dir = local.train.output_dir / run_id
         local.train.run_name = run_id
-
-        def to_mlflow(metrics: dict[str, float], step: int) -> None:
-            tracking.log_metrics(client, run_id, metrics, step)
-
-        summary = TRAINERS[stage](local, run_dir, input_dirs, (to_mlflow,), progress)
-        tracking.log_metrics(client, run_id, tracking.metrics_to_log(summary), summary.get("steps", 0))
-        tracking.log_params_file(client, run_id, params)
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            client.log_artifact(run_id, str(Path(tmp) / "summary.json"))
-        client.log_artifacts(run_id, str(run_dir / "model"), "model")
+        summary = TRAINERS[stage](local, run_dir, input_dirs, (run.log_metrics,), progress)
+        run.log_metrics(tracking.metrics_to_log(summary), summary.get("steps", 0))
+        run.log_json("summary.json", summary)
+        run.log_artifacts(run_dir / "model", "model")
         for name_ in ("examples.json", "history.json"):  # policy samples beside the SFT's; PPO's per-step figures
             if (run_dir / name_).is_file():
-                client.log_artifact(run_id, str(run_dir / name_))
-        client.set_tag(run_id, "peftflow.evaluated", "true")
+                run.log_artifact(run_dir / name_)
+        run.set_tag("peftflow.evaluated", "true")
     version = registry.register(client, run_id, name)
     for key, value in extra.items():
         client.set_model_version_tag(name, version, key, value)
