@@ -31,7 +31,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import nightly_retrain
-    from peftflow.cli import quiet_libraries
+    from peftflow.cli_common import quiet_libraries
     from peftflow.pipeline import Project
 
     quiet_libraries()

@@ -44,9 +44,9 @@ def register(run_id: str, project: Project = HERE) -> str:
 
 
 @flow(name="promote")
-def promote(project: Project = HERE, data_version: DataVersion | None = None) -> dict:
-    """Alias `champion` moves to `candidate` only if the promotion policy says it is better."""
-    return steps.promote(project, data_version)
+def promote(version: str, project: Project = HERE, data_version: DataVersion | None = None) -> dict:
+    """Alias `champion` moves to registered `version` only if the promotion policy says it is better."""
+    return steps.promote(project, version, data_version)
 
 
 def _each_method(methods: list[Method], data: DataVersion, project: Project) -> list[dict]:
@@ -56,7 +56,7 @@ def _each_method(methods: list[Method], data: DataVersion, project: Project) -> 
         run_id = finetune(method, data, project)
         metrics = evaluate(run_id, project, data)
         version = register(run_id, project)
-        decision = promote(project, data)
+        decision = promote(version, project, data)  # this flow's version, wherever `candidate` points now
         results.append({"method": method, "run_id": run_id, "version": version, "metrics": metrics, **decision})
     return results
 

@@ -48,9 +48,9 @@ def register(project: Project, run_id: str) -> str:
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(project: Project, data_version: DataVersion | None = None) -> dict:
-    decision = pipeline.promote(project, data_version)
-    get_run_logger().info("%s", decision)
+def promote(project: Project, version: str, data_version: DataVersion | None = None) -> dict:
+    decision = pipeline.promote(project, version, data_version)
+    get_run_logger().info("version %s: %s", version, decision)
     return {"promoted": decision.promote, "reasons": decision.reasons}
 
 

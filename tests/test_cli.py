@@ -74,7 +74,7 @@ def test_merge_writes_a_plain_checkpoint_with_equal_logits(tiny_params, tmp_path
 
     from peftflow import artifacts
     from peftflow.model import load_base_model
-    from peftflow.train import train
+    from peftflow.training.sft import train
 
     params = tiny_params("lora", "train.lr=2.0e-2", "train.max_steps=4")
     train(params, progress=False)
@@ -89,7 +89,7 @@ def test_merge_writes_a_plain_checkpoint_with_equal_logits(tiny_params, tmp_path
 
 
 def test_merge_refuses_methods_that_cannot_merge(tiny_params, tmp_path):
-    from peftflow.train import train
+    from peftflow.training.sft import train
 
     params = tiny_params("prompt", "train.max_steps=2")
     train(params, progress=False)
@@ -111,3 +111,42 @@ def test_load_and_reproduce_name_what_is_missing(tmp_path):
     assert result.exit_code == 2 and "expected models:/NAME@ALIAS or models:/NAME/VERSION" in result.output
     result = runner.invoke(app, ["reproduce", "0" * 32, *store])
     assert result.exit_code == 2 and f"no MLflow run '{'0' * 32}'" in result.output
+
+
+def test_the_peftflow_script_is_one_cli_the_core_commands_and_the_prefect_backed_ones():
+    """`peftflow` (pyproject's [project.scripts]) is the shells' app: the core's commands, and compare,
+    serve, experiment, nightly beside them; the core's own app has no Prefect-backed command."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    import typer
+
+    from flows.cli import app as script_app
+    from tests.conftest import ROOT
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["peftflow"] == "flows.cli:main"
+    core = set(typer.main.get_command(app).commands)
+    assert {"convert-base", "prepare", "train", "evaluate", "leaderboard", "load", "reproduce", "rlhf"} <= core
+    assert not core & {"compare", "serve", "experiment", "nightly"}
+    assert set(typer.main.get_command(script_app).commands) == core | {"compare", "serve", "experiment", "nightly"}
+
+    # as a user types it: the installed script, each command's own options
+    peftflow = str(Path(sys.executable).parent / "peftflow")
+    for args, option in ((["compare"], "--token-budget"), (["serve"], "--mlflow-port"), (["rlhf"], "generate")):
+        out = subprocess.run([peftflow, *args, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0 and option in out.stdout, out.stdout + out.stderr
+
+
+def test_the_peftflow_script_starts_without_importing_prefect_mlflow_or_torch():
+    """Every `peftflow` command imports flows.cli first: the core's commands must not wait for Prefect."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = "import sys, flows.cli; print(sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -98,7 +98,9 @@ def test_accumulated_steps_weigh_every_completion_token_the_same(tiny_params):
         model.load_state_dict(state, strict=False)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        out = optimizer_step(model, micro, completion_tokens, completion_loss_sum, optimizer, scheduler, accelerator, None)
+        out = optimizer_step(
+            model, micro, completion_tokens, completion_loss_sum, optimizer, scheduler, accelerator, None
+        )
         return out, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     split, split_weights = step([collate([rows[0]], tok.pad_token_id), collate([rows[1]], tok.pad_token_id)])
@@ -168,7 +170,8 @@ def test_no_core_module_outside_methods_names_a_method():
             if isinstance(node, ast.Compare):  # method == "lora", params.method.name in ("full", ...)
                 sides = [node.left, *node.comparators]
                 about_methods = any(
-                    (isinstance(x, ast.Attribute) and x.attr == "name") or (isinstance(x, ast.Name) and "method" in x.id)
+                    (isinstance(x, ast.Attribute) and x.attr == "name")
+                    or (isinstance(x, ast.Name) and "method" in x.id)
                     for x in sides
                 )
                 for const in ast.walk(node):

@@ -29,7 +29,9 @@ def test_method_trains_only_its_parameters(method, tiny_params):
     set_seed(params.seed)  # the adapter's initialization as `peftflow train` seeds it, not left to the tests before
     model = build_model(params)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss_before = heldout_loss(model, val, tokenizer.pad_token_id, 16, torch.device("cpu"), m.input_virtual_tokens(params.method))
+    loss_before = heldout_loss(
+        model, val, tokenizer.pad_token_id, 16, torch.device("cpu"), m.input_virtual_tokens(params.method)
+    )
 
     base = load_base_model(params.model)
     expected = m.expected_trainable(base, params.method)
@@ -41,7 +43,9 @@ def test_method_trains_only_its_parameters(method, tiny_params):
         assert total == count_parameters(base)[1] + trainable + ranknum, f"{method}: total counts the base wrongly"
 
     summary = train(params, model=model, progress=False)
-    loss_after = heldout_loss(model, val, tokenizer.pad_token_id, 16, torch.device("cpu"), m.input_virtual_tokens(params.method))
+    loss_after = heldout_loss(
+        model, val, tokenizer.pad_token_id, 16, torch.device("cpu"), m.input_virtual_tokens(params.method)
+    )
     assert summary.finished and summary.steps == 30
     assert loss_after < loss_before - 1.0, f"{method}: held-out loss {loss_before:.3f} -> {loss_after:.3f} nats"
 

@@ -92,15 +92,47 @@ def test_promotion_keeps_the_champion_on_worse_and_tie(project, harness):
     proj = Project(root=project)
 
     worse = pipeline.register(proj, weak_run)
-    decision = pipeline.promote(proj)
+    decision = pipeline.promote(proj, worse)
     assert not decision.promote and "worse" in decision.reasons[0]
     assert _aliases(client) == {"candidate": worse, "champion": champion}
     assert client.get_model_version(MODEL, worse).tags["peftflow.promotion"] == "kept"
 
     tie = pipeline.register(proj, strong_run)
-    decision = pipeline.promote(proj)
+    decision = pipeline.promote(proj, tie)
     assert not decision.promote and "a tie" in decision.reasons[0]
     assert _aliases(client) == {"candidate": tie, "champion": champion}
+
+
+def test_promote_judges_its_own_version_when_another_flow_registered_meanwhile(project, harness):
+    """Flow 1 registers A, flow 2 registers B (`candidate` -> B), then flow 1 promotes: about A."""
+    client = _client(project)
+    champion = _aliases(client)["champion"]
+    strong_run = client.get_model_version(MODEL, champion).run_id
+    weak_run = client.get_model_version(MODEL, str(int(champion) - 1)).run_id
+    proj = Project(root=project)
+
+    mine = pipeline.register(proj, weak_run)  # A: worse than the champion
+    theirs = pipeline.register(proj, strong_run)  # B: a tie with it
+    decision = pipeline.promote(proj, mine)
+    assert not decision.promote and "worse" in decision.reasons[0], decision.reasons  # B would be "a tie"
+    assert client.get_model_version(MODEL, mine).tags["peftflow.promotion"] == "kept"
+    assert "peftflow.promotion" not in client.get_model_version(MODEL, theirs).tags
+    assert _aliases(client) == {"candidate": theirs, "champion": champion}
+
+    # A wins this time: champion moves to A, not to B, which `candidate` names
+    weak_champion = pipeline.register(proj, weak_run)
+    client.set_registered_model_alias(MODEL, "champion", weak_champion)
+    mine = pipeline.register(proj, strong_run)
+    theirs = pipeline.register(proj, weak_run)  # a tie with the champion: B would stay out
+    decision = pipeline.promote(proj, mine)
+    assert decision.promote, decision.reasons
+    assert _aliases(client) == {"candidate": theirs, "champion": mine}
+    tags = client.get_model_version(MODEL, mine).tags
+    assert tags["peftflow.promotion"] == "promoted" and tags["peftflow.promotion_against"] == f"v{weak_champion}"
+    assert "peftflow.promotion" not in client.get_model_version(MODEL, theirs).tags
+
+    with pytest.raises(tracking.TrackingError, match=f"registered model '{MODEL}' has no version '999'$"):
+        pipeline.promote(proj, "999")
 
 
 def test_registered_champion_loads_ready_for_inference(project, harness):

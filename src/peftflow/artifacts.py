@@ -1,9 +1,9 @@
 """Saving and loading what a method trained.
 
-A peft method saves only its adapter (weights + config, through peft's save_pretrained), a
-method that trains the base's own weights saves the whole model, and hand-written methods
-override the contract's ``save``/``load``. Every artifact carries ``peftflow.json`` (method name and params), so it describes itself.
-Saves are atomic: the folder appears under its name only once every file is written.
+A peft method saves only its adapter (weights + config, through peft's save_pretrained), a method
+that trains the base's own weights saves the whole model, and hand-written methods override the
+contract's ``save``/``load``. Every artifact carries ``peftflow.json`` (method name and params),
+so it describes itself. Saves are atomic: the folder appears under its name only once every file is written.
 """
 
 from __future__ import annotations

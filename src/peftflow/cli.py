@@ -1,18 +1,22 @@
-"""The ``peftflow`` command line: convert the base model, prepare data, train, evaluate."""
+"""The core's commands: convert the base model, prepare data, train, evaluate, rank, merge, load.
+
+They need no orchestration. The ``peftflow`` console script is ``flows.cli``, which adds the
+Prefect-backed commands (``compare``, ``serve``, ...) to these, so the core never imports Prefect;
+``python -m peftflow.cli`` (e.g. under ``accelerate launch``) runs these alone.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
+
+from peftflow.cli_common import console, fail, run_or_exit, setup_logging
+from peftflow.rlhf.cli import rlhf_app
 
 app = typer.Typer(
     help="peftflow: parameter-efficient fine-tuning experiments as reproducible pipelines.",
@@ -20,8 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 ParamsDir = Annotated[Path, typer.Option("--params-dir", help="Folder with base.yaml, data.yaml and methods/*.yaml.")]
 Overrides = Annotated[
@@ -34,39 +36,7 @@ Overrides = Annotated[
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
-    )
-    quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Silence library chatter that says nothing to a user (the flows' entry point calls it too)."""
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # bitsandbytes warns at import that an optional CPU kernel package is absent; its own fallback works
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def run_or_exit(fn, *args, **kwargs):
-    """Call the core; turn a user-facing error into one red line and exit code 2."""
-    from peftflow.config import ParamsError
-    from peftflow.data import DataError
-    from peftflow.tracking import TrackingError
-    from peftflow.versioning import VersioningError
-
-    try:
-        return fn(*args, **kwargs)
-    except (ParamsError, DataError, TrackingError, VersioningError, FileNotFoundError, ValueError, KeyError) as e:
-        _fail(str(e).strip("'\""))
+    setup_logging(verbose)
 
 
 def _params(method: str | None, params_dir: Path, overrides: list[str] | None):
@@ -114,14 +84,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run's newest checkpoint, if any.")] = True,
 ) -> None:
     """Fine-tune the base model with one method; writes runs/<method>/ (artifact, summary, params)."""
-    from peftflow.train import train as train_core
+    from peftflow.training.sft import train as train_core
 
     params = _params(method, params_dir, overrides)
     summary = run_or_exit(train_core, params, resume=resume)
     console.print(
-        f"[green]{method}: {summary['steps']} steps, loss {summary['first_train_loss']:.4f} -> "
-        f"{summary['final_train_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
-        f"{summary['train_seconds'] / 60:.1f} min[/] -> {params.run_dir}"
+        f"[green]{method}: {summary.steps} steps, loss {summary.first_train_loss:.4f} -> "
+        f"{summary.final_train_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s, "
+        f"{summary.train_seconds / 60:.1f} min[/] -> {params.run_dir}"
     )
 
 
@@ -161,9 +131,9 @@ def evaluate(
     from peftflow.evaluate import evaluate_run
 
     if (method is None) == (run is None):
-        _fail("give exactly one of --method or --run")
+        fail("give exactly one of --method or --run")
     if run is not None and overrides:
-        _fail("--run evaluates with the run's own params.yaml; -s overrides go with --method")
+        fail("--run evaluates with the run's own params.yaml; -s overrides go with --method")
     if run is not None:
         params = run_or_exit(read_resolved, run / "params.yaml")
     else:
@@ -175,17 +145,6 @@ def evaluate(
         metrics_out.write_text((run / "metrics.json").read_text())
     console.print(_table(result))
     console.print(f"base model: {result['base_model']}\nmetrics written to {run / 'metrics.json'}")
-
-
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-)
-def compare(ctx: typer.Context) -> None:
-    """Every method on one data version and token budget, N seeds: leaderboard (CSV, Markdown, HTML)
-    and plots of quality vs compute; options: `peftflow compare --help`."""
-    from flows.__main__ import app as flows_app  # the compare flow (Prefect); the core never imports Prefect
-
-    flows_app(["compare", *ctx.args], prog_name="peftflow")
 
 
 @app.command()
@@ -204,7 +163,7 @@ def leaderboard(
 
     files = sorted(metrics_dir.glob("*.json"))
     if not files:
-        _fail(f"{metrics_dir}: no metrics files; run `peftflow evaluate --metrics-out {metrics_dir}/<method>.json`")
+        fail(f"{metrics_dir}: no metrics files; run `peftflow evaluate --metrics-out {metrics_dir}/<method>.json`")
     params = _project_params(params_dir, overrides)
     records = run_or_exit(core.from_metrics_files, files)
     table = run_or_exit(board.rows, records, params.promote)
@@ -302,27 +261,10 @@ def show_params(
     console.print_json(json.dumps(_params(method, params_dir, overrides).to_dict()))
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-)
-def serve(ctx: typer.Context) -> None:
-    """Prefect server + MLflow UI on 127.0.0.1 and the deployments (experiment, compare,
-    nightly-retrain, rlhf); options: `peftflow serve --help`."""
-    from flows.__main__ import app as flows_app  # the Prefect shell; the core never imports Prefect
-
-    flows_app(["serve", *ctx.args], prog_name="peftflow")
+app.add_typer(rlhf_app, name="rlhf")
 
 
-def _add_rlhf() -> None:
-    from peftflow.rlhf.cli import rlhf_app
-
-    app.add_typer(rlhf_app, name="rlhf")
-
-
-_add_rlhf()
-
-
-def main() -> None:  # console-script entry point
+def main() -> None:  # `python -m peftflow.cli`; the console script is flows.cli:main
     sys.exit(app())
 
 

@@ -397,9 +397,7 @@ def named_method(path: Path, files: Files | None = None) -> str | None:
     return section.get("name") if isinstance(section, dict) else None
 
 
-def merge_files(
-    paths: list[Path], overrides: list[str] | tuple[str, ...] = (), files: Files | None = None
-) -> Params:
+def merge_files(paths: list[Path], overrides: list[str] | tuple[str, ...] = (), files: Files | None = None) -> Params:
     """Deep-merge the YAML files ``paths`` in order, then ``overrides``; validate (errors name the file)."""
     merged: dict[str, Any] = {}
     prov: dict[tuple, str] = {}

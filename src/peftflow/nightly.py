@@ -18,8 +18,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from peftflow import tracking
-from peftflow import config
+from peftflow import config, tracking
 from peftflow.pipeline import DataVersion, Project
 
 TAG = "peftflow.nightly"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftflow import data, registry, tracking, versioning
-from peftflow.config import Params, ParamsError, load_params, parse_override, without_method
+from peftflow import data, registry, runs, tracking, versioning
+from peftflow.config import Params, ParamsError, load_params, parse_override, snapshot, without_method
 from peftflow.promote import Decision
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,21 @@ class Project(BaseModel):
     root: Path = Field(Path("."), description="project folder: params/, dvc.yaml, .dvc/")
     params_dir: Path = Field(Path("params"), description="params folder, relative to root")
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE overrides, e.g. train.lr=1.0e-4")
+    files: dict[str, str] | None = Field(
+        None, description="set by the flow at its start: the params files as they were then (leave empty)"
+    )
+
+    def frozen(self) -> Project:
+        """This project with its params files read once, now: every later step of a flow run resolves
+        its params from this snapshot, whatever happens to the files meanwhile."""
+        if self.files is not None:
+            return self
+        return self.model_copy(update={"files": snapshot(self.root / self.params_dir)})
 
     def params(self, method: str | None) -> Params:
         """Resolved params; for steps without a method, method.* overrides do not apply."""
         overrides = self.overrides if method else without_method(self.overrides)
-        return load_params(method, self.root / self.params_dir, overrides)
+        return load_params(method, self.root / self.params_dir, overrides, self.files)
 
 
 class DataVersion(BaseModel):
@@ -126,26 +136,27 @@ def finetune(project: Project, method: str, data_version: DataVersion, tags: dic
             f"{params.data.out_dir}: holds data version {found}, expected {data_version.version}; "
             f"prepare the data again (dvc repro prepare)"
         )
-    return tracking.finetune(params, project.root, data_version.dvc_md5, tags)
+    return runs.train_tracked(params, project.root, data_version.dvc_md5, tags)
 
 
 def evaluate(project: Project, run_id: str, data_version: DataVersion | None = None) -> dict[str, float]:
     """Test metrics of a run (and the base model's zero-shot figures) on the test split of
     ``data_version`` (None: the workspace's), logged to the run."""
-    result = tracking.evaluate(run_id, project.root, with_data(project.params(None), data_version))
+    result = runs.evaluate_tracked(run_id, project.root, with_data(project.params(None), data_version))
     return tracking.metrics_to_log(result)
 
 
 def register(project: Project, run_id: str) -> str:
-    """Register the run's artifact as a new version; alias ``candidate`` -> it. The version number."""
+    """Register the run's artifact as a new version; alias ``candidate`` -> it. The version
+    number, which the caller hands to :func:`promote` (``candidate`` may move on meanwhile)."""
     params = project.params(None)
     client, _ = tracking.connect(params, project.root)
     return registry.register(client, run_id, params.promote.model_name)
 
 
-def promote(project: Project, data_version: DataVersion | None = None) -> Decision:
-    """Move alias ``champion`` to ``candidate`` if the promotion policy says it is better (a
-    champion from other data is re-scored on ``data_version``'s test split)."""
+def promote(project: Project, version: str, data_version: DataVersion | None = None) -> Decision:
+    """Move alias ``champion`` to registered ``version`` if the promotion policy says it is better
+    (a champion from other data is re-scored on ``data_version``'s test split)."""
     params = with_data(project.params(None), data_version)
     client, _ = tracking.connect(params, project.root)
-    return registry.promote(client, project.root, params)
+    return registry.promote(client, project.root, params, version)

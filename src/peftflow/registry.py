@@ -3,8 +3,8 @@
 Aliases, not the deprecated stages: ``candidate`` is the newest registered version, ``champion``
 the one in production. A version is created only for a finished, evaluated run whose artifact is
 in the store, and deleted again if setting its alias fails, so no version lacks its artifact and no
-alias points at a failed run. Promotion moves ``champion`` only when
-:func:`peftflow.promote.decide` says so, and records the decision on the candidate version.
+alias points at a failed run. Promotion judges one named version, moves ``champion`` to it only when
+:func:`peftflow.promote.decide` says so, and records the decision on that version.
 """
 
 from __future__ import annotations
@@ -106,18 +106,24 @@ def download(client: MlflowClient, version, dst: Path) -> None:
 
 def evaluate_version(client: MlflowClient, name: str, version: str, root: Path, params: Params) -> dict[str, float]:
     """Score a registered version on the test split in ``params`` (the candidate's data)."""
+    from peftflow.evaluate import score_artifact  # torch and the model code, only when a champion is re-scored
+
     with tempfile.TemporaryDirectory(prefix="peftflow-version-") as tmp:
         download(client, client.get_model_version(name, version), Path(tmp) / "model")
-        return tracking.metrics_to_log(tracking.score_artifact(Path(tmp), root, params))
+        return tracking.metrics_to_log(score_artifact(Path(tmp), root, params))
 
 
-def promote(client: MlflowClient, root: Path, params: Params) -> Decision:
-    """Move ``champion`` to ``candidate`` if the policy in ``params.promote`` says it is better."""
+def promote(client: MlflowClient, root: Path, params: Params, version: str) -> Decision:
+    """Move ``champion`` to ``version`` if the policy in ``params.promote`` says it is better.
+
+    The version is named, not read from ``candidate``: another flow may register (and move
+    ``candidate``) between this flow's register and promote steps."""
     policy, name = params.promote, params.promote.model_name
-    cand = _version_by_alias(client, name, CANDIDATE)
-    if cand is None:
-        raise tracking.TrackingError(f"registered model {name!r} has no alias {CANDIDATE!r}; register a run first")
-    champ = _version_by_alias(client, name, CHAMPION)
+    champ = _version_by_alias(client, name, CHAMPION)  # also the model-exists check
+    try:
+        cand = client.get_model_version(name, version)
+    except MlflowException:
+        raise tracking.TrackingError(f"registered model {name!r} has no version {version!r}") from None
     if champ is not None and champ.version == cand.version:
         return Decision(False, [f"version {cand.version} is already the champion"])
 

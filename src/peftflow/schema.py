@@ -8,6 +8,7 @@ the resume check of a checkpoint, the nightly skip and the RLHF stages' reuse.
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,8 +31,6 @@ def operational(default: Any = ..., **kw: Any) -> Any:
     return affects(NOTHING, default, **kw)
 
 
-
-
 class Strict(BaseModel):
     """A params section: unknown keys are errors, assignments are validated."""
 
@@ -41,6 +40,12 @@ class Strict(BaseModel):
 def _level(field: Any) -> str:
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     return extra.get("affects", MODEL)
+
+
+def _is_section(annotation: Any) -> bool:
+    """Whether a field's type is (optionally) a params section, e.g. ``RlhfParams | None``."""
+    args = typing.get_args(annotation) or (annotation,)
+    return any(_is_section(a) if typing.get_args(a) else isinstance(a, type) and issubclass(a, BaseModel) for a in args)
 
 
 def fingerprint(params: BaseModel, scope: str = MODEL, stage: str | None = None) -> dict[str, Any]:
@@ -59,6 +64,8 @@ def fingerprint(params: BaseModel, scope: str = MODEL, stage: str | None = None)
             if level not in wanted or (stage is not None and stage not in extra.get("stages", [stage])):
                 continue
             value = getattr(obj, name)
+            if value is None and _is_section(field.annotation):
+                continue  # an optional section that is absent (no method, no RLHF): as params.yaml has it
             if isinstance(value, BaseModel):
                 walk(value, f"{prefix}{name}.", level)
             else:
@@ -74,5 +81,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-

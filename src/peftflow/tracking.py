@@ -46,6 +46,8 @@ LINEAGE_KEYS = (
     "peftflow.version",
     *(f"pkg.{p}" for p in PACKAGES),
 )
+
+
 class TrackingError(RuntimeError):
     """MLflow is unreachable or lacks what was asked for; one line saying which."""
 

@@ -76,13 +76,11 @@ class Adapter(Method):
                 sub.register_forward_hook(_after)
         return model
 
-
     def save(self, model: nn.Module, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".adapter." in n}
         save_file(weights, out_dir / WEIGHTS)
         (out_dir / "adapter_shapes.json").write_text(json.dumps({n: list(t.shape) for n, t in weights.items()}))
-
 
     def load(self, base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
         model = self.apply(base, params)
@@ -90,7 +88,8 @@ class Adapter(Method):
         expected = {n for n, _ in model.named_parameters() if ".adapter." in n}
         if set(weights) != expected:
             raise ValueError(
-                f"{out_dir}: adapter weights do not fit this base model ({len(weights)} saved, {len(expected)} expected)"
+                f"{out_dir}: adapter weights do not fit this base model "
+                f"({len(weights)} saved, {len(expected)} expected)"
             )
         model.load_state_dict(weights, strict=False)
         return model

@@ -63,20 +63,20 @@ class BitFit(Method):
             linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=w.device, dtype=w.dtype))
         kinds = sorted({name.rsplit(".", 1)[-1] for name, _ in targets})
         log.warning(
-            "bitfit: %s has no bias terms; added zero-initialized biases to %d linear layers (%s) and trains only those",
+            "bitfit: %s has no bias terms; added zero-initialized biases to %d linear layers (%s) "
+            "and trains only those",
             type(model).__name__,
             len(targets),
             ", ".join(kinds),
         )
         return model
 
-
     def save(self, model: nn.Module, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(
-            {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out_dir / WEIGHTS
+            {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+            out_dir / WEIGHTS,
         )
-
 
     def load(self, base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
         model = self.apply(base, params)

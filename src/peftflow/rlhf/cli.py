@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from peftflow.cli_common import console, run_or_exit
+
 rlhf_app = typer.Typer(
     help="The RLHF chain: data, stage params, sampling. Run it with `python -m flows rlhf`.", no_args_is_help=True
 )
@@ -17,7 +19,6 @@ Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY.PA
 @rlhf_app.command()
 def prepare(params_dir: ParamsDir = Path("params"), overrides: Overrides = None) -> None:
     """Prompts, SFT examples and preference pairs -> rlhf.data.out_dir (the rlhf_prepare DVC stage)."""
-    from peftflow.cli import console, run_or_exit
     from peftflow.rlhf import data
     from peftflow.rlhf.stages import load_stage
 
@@ -36,7 +37,6 @@ def show_params(
     """A stage's resolved params, after merging."""
     import yaml
 
-    from peftflow.cli import run_or_exit
     from peftflow.rlhf.stages import load_stage
 
     typer.echo(yaml.safe_dump(run_or_exit(load_stage, stage, params_dir, overrides or []).to_dict(), sort_keys=False))
@@ -52,7 +52,6 @@ def generate(
 ) -> None:
     """Continue prompts with a registered PPO or DPO policy and with its SFT policy, side by side."""
     from peftflow import registry, tracking
-    from peftflow.cli import console, run_or_exit
     from peftflow.config import read_resolved
     from peftflow.model import load_tokenizer
     from peftflow.rlhf.policy import decode, load_policy, sample

@@ -169,11 +169,21 @@ def train(
             state["evals"].append({"step": step, **found})
             for cb in callbacks:
                 cb({"val_pairwise_accuracy": found["pairwise_accuracy"], "val_margin": found["margin"]}, step)
-            bar.write(f"step {step}: loss {result.loss:.4f}, held-out pairwise accuracy {found['pairwise_accuracy']:.3f}")
+            bar.write(
+                f"step {step}: loss {result.loss:.4f}, held-out pairwise accuracy {found['pairwise_accuracy']:.3f}"
+            )
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             checkpoint.save(
-                ckpt_root, step, unwrapped, optimizer, scheduler, state, cfg.keep_checkpoints, method, unwrapped.backbone
+                ckpt_root,
+                step,
+                unwrapped,
+                optimizer,
+                scheduler,
+                state,
+                cfg.keep_checkpoints,
+                method,
+                unwrapped.backbone,
             )
     bar.close()
 

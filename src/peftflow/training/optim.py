@@ -45,7 +45,10 @@ def scheduler_name(cfg: TrainParams) -> str:
 def make_scheduler(cfg: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int | None = None):
     """``cfg.scheduler`` after ``cfg.warmup_steps`` of linear warmup, over ``total_steps`` (default max_steps)."""
     return get_scheduler(
-        scheduler_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps or cfg.max_steps
+        scheduler_name(cfg),
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=total_steps or cfg.max_steps,
     )
 
 

@@ -1,0 +1,60 @@
+"""What every command line of peftflow shares: the consoles, logging set-up and one-line errors.
+
+Its own module so that ``peftflow.cli``, ``peftflow.rlhf.cli`` and the flows' commands all import
+it, and none of them has to import another's command module (which made import cycles).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log records as plain lines on stderr (debug with ``verbose``), library chatter silenced."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user."""
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes warns at import that an optional CPU kernel package is absent; its own fallback works
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def fail(message: str) -> NoReturn:
+    """One red line on stderr, exit code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run_or_exit(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call the core; turn a user-facing error into one red line and exit code 2."""
+    # imported here, not at the top: `peftflow --help` should not wait for MLflow to import
+    from peftflow.config import ParamsError
+    from peftflow.data import DataError
+    from peftflow.tracking import TrackingError
+    from peftflow.versioning import VersioningError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ParamsError, DataError, TrackingError, VersioningError, FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e).strip("'\""))
