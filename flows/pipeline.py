@@ -22,30 +22,35 @@ DEFAULT_METHODS = ["lora"]
 def prepare_data(project: Project = HERE, data_version: str | None = None) -> DataVersion:
     """DVC-versioned base model and data: `dvc repro` (cached stages skipped), `dvc push`; with
     `data_version` (a DVC hash, or a data version a logged run names), that earlier data, restored."""
+    project = project.frozen()  # every step of this run reads the params files as they are now
     return steps.prepare_data(project, data_version)
 
 
 @flow(name="finetune")
 def finetune(method: Method, data_version: DataVersion, project: Project = HERE) -> str:
     """One method on one data version; returns the MLflow run id."""
+    project = project.frozen()
     return steps.finetune(project, method, data_version)
 
 
 @flow(name="evaluate")
 def evaluate(run_id: str, project: Project = HERE, data_version: DataVersion | None = None) -> dict[str, float]:
     """Test metrics of a run, beside the base model's zero-shot figures."""
+    project = project.frozen()
     return steps.evaluate(project, run_id, data_version)
 
 
 @flow(name="register")
 def register(run_id: str, project: Project = HERE) -> str:
     """A new registry version from the run's artifact; alias `candidate` moves to it."""
+    project = project.frozen()
     return steps.register(project, run_id)
 
 
 @flow(name="promote")
 def promote(version: str, project: Project = HERE, data_version: DataVersion | None = None) -> dict:
     """Alias `champion` moves to registered `version` only if the promotion policy says it is better."""
+    project = project.frozen()
     return steps.promote(project, version, data_version)
 
 
@@ -72,6 +77,7 @@ def experiment(
         project: the project folder, its params folder and KEY.PATH=VALUE overrides (train.lr=1.0e-4)
         data_version: a DVC hash (dvc.data_md5 of a run) or data version to train on; empty: the workspace's data
     """
+    project = project.frozen()
     data = prepare_data(project, data_version)
     before = steps.champion(project)
     results = _each_method(methods, data, project)
@@ -102,6 +108,7 @@ def compare(
         data_version: a DVC hash or data version to compare on; empty: the workspace's data
         prepare: run `dvc repro` first (off inside a DVC stage, which has its data already)
     """
+    project = project.frozen()
     data = prepare_data(project, data_version) if prepare else steps.workspace_data(project)
     plan = steps.compare_plan(project, data, methods, seeds, token_budget)
     parent = steps.compare_start(project, plan, data)
@@ -141,6 +148,7 @@ def nightly_retrain(methods: list[Method] | None = None, project: Project = HERE
         methods: methods to retrain; empty: params' nightly.methods
         project: the project folder, its params folder and KEY.PATH=VALUE overrides
     """
+    project = project.frozen()
     data = prepare_data(project)
     check = steps.nightly_check(project, methods, data)
     before = steps.champion(project)
@@ -156,4 +164,5 @@ def nightly_retrain(methods: list[Method] | None = None, project: Project = HERE
 @flow(name="reproduce")
 def reproduce(run_id: str, allow_code_change: bool = False, project: Project = HERE) -> dict:
     """Re-run a logged run from its params, commit and data version; the metrics' drift."""
+    project = project.frozen()
     return steps.reproduce(project, run_id, allow_code_change)

@@ -22,6 +22,7 @@ def rlhf(project: Project = HERE, force: list[Stage] | None = None) -> list[dict
         project: the project folder, params folder and overrides (KEY=VALUE, or STAGE:KEY=VALUE for one stage)
         force: stages to retrain even if a matching version exists (e.g. after a code change)
     """
+    project = project.frozen()  # every step of this run reads the params files as they are now
     force = force or []
     data = steps.prepare_data(project)
     sft = steps.run_stage(project, "sft", data, {}, "sft" in force)

@@ -189,3 +189,24 @@ def test_every_method_declares_what_it_is():
         assert m.name == name and m.trains in ("all weights", "some weights", "added weights", "prompts")
         assert not (m.weight_adapter and m.trains == "prompts"), name
         assert m.input_virtual_tokens(m.Params()) == 0 or m.trains == "prompts", name
+
+
+def test_a_flow_reads_its_params_files_once(tmp_path):
+    """Steps of one flow run resolve the params as they were when it started, not as edited since."""
+    import shutil
+
+    from peftflow.pipeline import Project
+
+    shutil.copytree(ROOT / "params", tmp_path / "params")
+    project = Project(root=tmp_path, overrides=["train.max_steps=7"]).frozen()
+    assert project.params("lora").method.r == 16
+    lora_file = tmp_path / "params" / "methods" / "lora.yaml"
+    lora_file.write_text(lora_file.read_text().replace("r: 16", "r: 2"))
+    assert project.params("lora").method.r == 16 and project.params("lora").train.max_steps == 7
+    assert project.params("ia3").method.name == "ia3"  # a method first asked for later: the snapshot's file
+    mine = project.params("lora")
+    mine.train.lr = 1.0  # a caller's change stays its own
+    assert project.params("lora").train.lr != 1.0
+    other = project.model_copy(update={"overrides": ["train.max_steps=9"]})  # a comparison run's project
+    assert other.params("lora").train.max_steps == 9 and project.params("lora").train.max_steps == 7
+    assert Project(root=tmp_path).params("lora").method.r == 2  # not frozen: the files as they are

@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from peftflow import data, registry, runs, tracking, versioning
 from peftflow.config import Params, ParamsError, load_params, parse_override, snapshot, without_method
@@ -33,6 +33,7 @@ class Project(BaseModel):
     root: Path = Field(Path("."), description="project folder: params/, dvc.yaml, .dvc/")
     params_dir: Path = Field(Path("params"), description="params folder, relative to root")
     overrides: list[str] = Field(default_factory=list, description="KEY.PATH=VALUE overrides, e.g. train.lr=1.0e-4")
+    _resolved: dict[tuple, Params] = PrivateAttr(default_factory=dict)
     files: dict[str, str] | None = Field(
         None, description="set by the flow at its start: the params files as they were then (leave empty)"
     )
@@ -45,9 +46,17 @@ class Project(BaseModel):
         return self.model_copy(update={"files": snapshot(self.root / self.params_dir)})
 
     def params(self, method: str | None) -> Params:
-        """Resolved params; for steps without a method, method.* overrides do not apply."""
+        """Resolved params; for steps without a method, method.* overrides do not apply. A frozen
+        project resolves and validates each method's params once; callers get their own copy."""
         overrides = self.overrides if method else without_method(self.overrides)
-        return load_params(method, self.root / self.params_dir, overrides, self.files)
+        # copies of a project (model_copy) share this cache: the key holds all that resolving reads
+        key = (method, tuple(overrides), str(self.root), str(self.params_dir), id(self.files))
+        if self.files is None or key not in self._resolved:
+            resolved = load_params(method, self.root / self.params_dir, overrides, self.files)
+            if self.files is None:
+                return resolved
+            self._resolved[key] = resolved
+        return self._resolved[key].model_copy(deep=True)
 
 
 class DataVersion(BaseModel):
