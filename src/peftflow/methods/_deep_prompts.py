@@ -9,9 +9,11 @@ prompts only: the keys and values the frozen model computes for ``init_text`` at
 from __future__ import annotations
 
 import torch
-from peft import PrefixTuningConfig
+from peft import PrefixTuningConfig, get_peft_model
+from torch import nn
 from transformers import AutoTokenizer
 
+from peftflow.methods import Method
 from peftflow.methods._shared import dims
 
 DEFAULT_INIT_TEXT = "Classify the sentiment of this movie review as positive or negative."
@@ -26,13 +28,22 @@ def prefix_config(num_virtual_tokens: int, projection: bool, encoder_hidden_size
     )
 
 
-def expected_trainable(config, num_virtual_tokens: int, projection: bool, encoder_hidden_size: int) -> int:
-    d = dims(config)
-    width = d["layers"] * 2 * d["kv"]  # keys and values for every layer (GQA: kv heads only)
-    if not projection:
-        return num_virtual_tokens * width
-    e = encoder_hidden_size  # embedding (n, kv) -> Linear(kv, e) -> tanh -> Linear(e, width)
-    return num_virtual_tokens * d["kv"] + (d["kv"] * e + e) + (e * width + width)
+class DeepPrompts(Method):
+    """Virtual keys and values at every layer, through peft's prefix tuning (``prefix``, ``ptuning_v2``)."""
+
+    trains = "prompts"
+
+    def apply(self, model: nn.Module, params) -> nn.Module:
+        config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
+        return get_peft_model(model, config)
+
+    def expected_trainable(self, base: nn.Module, params) -> int | None:
+        d = dims(base.config)
+        width = d["layers"] * 2 * d["kv"]  # keys and values for every layer (GQA: kv heads only)
+        if not params.prefix_projection:
+            return params.num_virtual_tokens * width
+        e = params.encoder_hidden_size  # embedding (n, kv) -> Linear(kv, e) -> tanh -> Linear(e, width)
+        return params.num_virtual_tokens * d["kv"] + (d["kv"] * e + e) + (e * width + width)
 
 
 @torch.no_grad()

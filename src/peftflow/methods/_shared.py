@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from peftflow.methods import Method
+
 
 def linear_names(model: nn.Module) -> list[str]:
     """Leaf names of the model's linear layers (what target_modules may name)."""
@@ -55,3 +57,14 @@ def linear_shapes(config) -> list[tuple[int, int]]:
 def all_params(model: nn.Module) -> int:
     """Parameters of a model, tied weights counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class PeftWeightAdapter(Method):
+    """A peft adapter over the base's weights (LoRA and its kin, IA3): added tensors that switch
+    off to give the base model, and fold into it with peft's ``merge_and_unload``."""
+
+    trains = "added weights"
+    weight_adapter = True
+
+    def merge(self, model) -> nn.Module:
+        return model.merge_and_unload()

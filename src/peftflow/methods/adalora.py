@@ -17,8 +17,8 @@ from peft import AdaLoraConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import check_targets, dims, linear_shapes
+from peftflow.methods import MethodParams, register
+from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes
 
 
 class Params(MethodParams):
@@ -36,10 +36,8 @@ class Params(MethodParams):
 
 
 @register
-class AdaLoRA(Method):
+class AdaLoRA(PeftWeightAdapter):  # P·Λ·Q folds into W like B·A
     Params = Params
-    trains = "added weights"
-    weight_adapter = True
 
     def bind(self, params: Params, run) -> Params:
         return params if params.total_step else params.model_copy(update={"total_step": run.train.max_steps})
@@ -97,9 +95,6 @@ class AdaLoRA(Method):
         alloc = model.base_model.rankallocator
         alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = saved["ipt"], saved["exp_avg_ipt"], saved["exp_avg_unc"]
         model.peft_config[model.active_adapter].rank_pattern = saved["rank_pattern"]
-
-    def merge(self, model) -> nn.Module:
-        return model.merge_and_unload()  # P·Λ·Q folds into W like B·A
 
     def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
         if params.target_modules != "all-linear":

@@ -14,8 +14,8 @@ from peft import IA3Config, get_peft_model
 from pydantic import model_validator
 from torch import nn
 
-from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import check_targets, dims
+from peftflow.methods import MethodParams, register
+from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims
 
 
 class Params(MethodParams):
@@ -32,10 +32,8 @@ class Params(MethodParams):
 
 
 @register
-class IA3(Method):
+class IA3(PeftWeightAdapter):
     Params = Params
-    trains = "added weights"
-    weight_adapter = True
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         check_targets(model, params.name, "target_modules", params.target_modules)
@@ -45,9 +43,6 @@ class IA3(Method):
             feedforward_modules=params.feedforward_modules,
         )
         return get_peft_model(model, config)
-
-    def merge(self, model) -> nn.Module:
-        return model.merge_and_unload()
 
     def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
         if params.target_modules != ["k_proj", "v_proj", "down_proj"]:

@@ -13,8 +13,8 @@ from peft import LoraConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
-from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import check_targets, dims, linear_shapes
+from peftflow.methods import MethodParams, register
+from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes
 
 
 class Params(MethodParams):
@@ -42,17 +42,12 @@ def lora_config(params: Params, **extra) -> LoraConfig:
 
 
 @register
-class LoRA(Method):
+class LoRA(PeftWeightAdapter):
     Params = Params
-    trains = "added weights"
-    weight_adapter = True
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         check_targets(model, params.name, "target_modules", params.target_modules)
         return get_peft_model(model, lora_config(params))
-
-    def merge(self, model) -> nn.Module:
-        return model.merge_and_unload()
 
     def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
         if params.target_modules != "all-linear":

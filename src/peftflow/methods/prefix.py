@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import get_peft_model
 from pydantic import Field
-from torch import nn
 
-from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._deep_prompts import expected_trainable, prefix_config
+from peftflow.methods import MethodParams, register
+from peftflow.methods._deep_prompts import DeepPrompts
 
 
 class Params(MethodParams):
@@ -32,15 +30,5 @@ class Params(MethodParams):
 
 
 @register
-class PrefixTuning(Method):
+class PrefixTuning(DeepPrompts):
     Params = Params
-    trains = "prompts"
-
-    def apply(self, model: nn.Module, params: Params) -> nn.Module:
-        config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
-        return get_peft_model(model, config)
-
-    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
-        return expected_trainable(
-            base.config, params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size
-        )

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from peft import get_peft_model
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._deep_prompts import DEFAULT_INIT_TEXT, expected_trainable, init_from_text, prefix_config
+from peftflow.methods import MethodParams, register
+from peftflow.methods._deep_prompts import DEFAULT_INIT_TEXT, DeepPrompts, init_from_text
 
 
 class Params(MethodParams):
@@ -38,18 +37,11 @@ class Params(MethodParams):
 
 
 @register
-class PTuningV2(Method):
+class PTuningV2(DeepPrompts):
     Params = Params
-    trains = "prompts"
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
-        config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
-        peft_model = get_peft_model(model, config)
+        peft_model = super().apply(model, params)
         if params.init == "text":
             init_from_text(peft_model, params.init_text)
         return peft_model
-
-    def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
-        return expected_trainable(
-            base.config, params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size
-        )
