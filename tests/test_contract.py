@@ -67,8 +67,8 @@ def test_the_zero_shot_baseline_of_an_input_prompt_method_is_the_base_model(tiny
         examples = data.read_split(params.data.out_dir, "test")
         labels = data.read_manifest(params.data.out_dir)["labels"]
         alone = score(base, load_tokenizer(params.model), params, examples, labels, torch.device("cpu"))
-        assert result["zeroshot"]["test_loss"] == pytest.approx(alone["test_loss"], abs=1e-5)
-        assert result["zeroshot"]["test_accuracy"] == alone["test_accuracy"]
+        assert result.zeroshot.test_loss == pytest.approx(alone["test_loss"], abs=1e-5)
+        assert result.zeroshot.test_accuracy == alone["test_accuracy"]
         for cached in (params.train.output_dir / "zeroshot").glob("*.json"):
             cached.unlink()  # the next method must compute its own
 

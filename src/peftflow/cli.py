@@ -139,7 +139,7 @@ def evaluate(
     else:
         params = _params(method, params_dir, overrides)
         run = params.run_dir
-    result = run_or_exit(evaluate_run, run, params)
+    result = run_or_exit(evaluate_run, run, params).flat()
     if metrics_out is not None:
         metrics_out.parent.mkdir(parents=True, exist_ok=True)
         metrics_out.write_text((run / "metrics.json").read_text())

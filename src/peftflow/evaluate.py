@@ -23,7 +23,7 @@ from peftflow import artifacts, data
 from peftflow.config import Params, read_resolved
 from peftflow.methods import get_method
 from peftflow.model import base_model_id, load_base_for, load_base_model, load_tokenizer
-from peftflow.results import EFFICIENCY
+from peftflow.results import EFFICIENCY, EvalResult, Scores
 from peftflow.tokens import (
     IGNORE,
     Encoded,
@@ -193,7 +193,7 @@ def _zeroshot_key(params: Params, version: str) -> str:
     return f"{version}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
-def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
     """Score a finished run and the base model zero-shot on the test split; write metrics.json."""
     run_dir = Path(run_dir)
     manifest = data.read_manifest(params.data.out_dir)
@@ -224,19 +224,19 @@ def evaluate_run(run_dir: Path, params: Params) -> dict[str, Any]:
         os.replace(tmp, cache)  # a reader never sees half a cache file
     summary_path = run_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    result = {
-        "method": method.name,
-        "data_version": manifest["version"],
-        "base_model": base_model_id(params.model),
+    result = EvalResult(
+        method=method.name,
+        data_version=manifest["version"],
+        base_model=base_model_id(params.model),
         **metrics,
-        "zeroshot": zeroshot,
+        zeroshot=Scores(**zeroshot),
         **{k: summary[k] for k in EFFICIENCY if summary.get(k) is not None},
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    )
+    (run_dir / "metrics.json").write_text(result.model_dump_json(indent=2, exclude_none=True) + "\n")
     return result
 
 
-def score_artifact(run_dir: Path, root: Path, params: Params) -> dict[str, Any]:
+def score_artifact(run_dir: Path, root: Path, params: Params) -> EvalResult:
     """Evaluate a downloaded ``run_dir/model`` (with its params.yaml) on the test split of ``params``'s
     data folder; writes and returns metrics.json."""
     artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)

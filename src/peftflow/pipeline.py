@@ -91,16 +91,26 @@ def prepare_data(project: Project, version: str | None = None, repro: bool = Tru
     neither reproduced nor pushed (for a caller that is itself a DVC stage, which holds DVC's lock)."""
     check_overrides(project.overrides)
     params = project.params(None)
-    ran: list[str] = []
-    if repro:
-        targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["prepare"]
-        ran = versioning.repro(project.root, targets)
-        log.info("dvc repro %s: %s", " ".join(targets), f"ran {', '.join(ran)}" if ran else "all up to date")
-        versioning.push(project.root, ["prepare"])
+    ran = reproduce_stage(project, params, "prepare") if repro else []
     out_dir, md5 = params.data.out_dir, versioning.out_hash(project.root, str(params.data.out_dir))
     if version and version not in (md5, data.read_manifest(project.root / out_dir)["version"]):
         md5 = _dvc_hash_of(project, version)
         out_dir = versioning.restored(project.root, md5, params.train.output_dir)
+    return data_version(project, out_dir, md5, ran)
+
+
+def reproduce_stage(project: Project, params: Params, stage: str) -> list[str]:
+    """``dvc repro`` of a data stage (and of the embedded base model it needs), then ``dvc push``
+    of its outputs; the stages that ran (empty: DVC had them up to date)."""
+    targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + [stage]
+    ran = versioning.repro(project.root, targets)
+    log.info("dvc repro %s: %s", " ".join(targets), f"ran {', '.join(ran)}" if ran else "all up to date")
+    versioning.push(project.root, [stage])
+    return ran
+
+
+def data_version(project: Project, out_dir: Path, md5: str | None, ran: list[str]) -> DataVersion:
+    """The data version of the prepared folder ``out_dir`` (relative to the project), from its manifest."""
     manifest = data.read_manifest(project.root / out_dir)
     return DataVersion(
         version=manifest["version"],
@@ -152,7 +162,7 @@ def evaluate(project: Project, run_id: str, data_version: DataVersion | None = N
     """Test metrics of a run (and the base model's zero-shot figures) on the test split of
     ``data_version`` (None: the workspace's), logged to the run."""
     result = runs.evaluate_tracked(run_id, project.root, with_data(project.params(None), data_version))
-    return tracking.metrics_to_log(result)
+    return tracking.metrics_to_log(result.flat())
 
 
 def register(project: Project, run_id: str) -> str:

@@ -110,7 +110,7 @@ def evaluate_version(client: MlflowClient, name: str, version: str, root: Path, 
 
     with tempfile.TemporaryDirectory(prefix="peftflow-version-") as tmp:
         download(client, client.get_model_version(name, version), Path(tmp) / "model")
-        return tracking.metrics_to_log(score_artifact(Path(tmp), root, params))
+        return tracking.metrics_to_log(score_artifact(Path(tmp), root, params).flat())
 
 
 def promote(client: MlflowClient, root: Path, params: Params, version: str) -> Decision:

@@ -1,7 +1,8 @@
 """What crosses the layers, typed: a training run's summary, and the metric names in one place.
 
-``train_summary.json`` is a :class:`TrainSummary`; ``metrics.json`` holds the test metrics of
-:func:`peftflow.evaluate.evaluate_run` plus the :data:`EFFICIENCY` figures copied from the summary.
+``train_summary.json`` is a :class:`TrainSummary`; ``metrics.json`` an :class:`EvalResult`: the
+test figures of a run beside the base model's zero-shot ones, plus the :data:`EFFICIENCY` figures
+copied from the training summary.
 """
 
 from __future__ import annotations
@@ -55,3 +56,38 @@ class TrainSummary(BaseModel):
         values = self.model_dump()
         values["artifact_bytes"] = values["artifact_bytes"] or 0
         return {k: float(values[k]) for k in TRAIN_METRICS if values[k] is not None}
+
+
+class Scores(BaseModel):
+    """One model's figures on a test split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    test_loss: float  # mean cross-entropy per completion token, nats
+    test_perplexity: float
+    test_accuracy: float | None = None  # text_label data: the most likely label is the true one
+    test_per_label_accuracy: dict[str, float] | None = None
+
+
+class EvalResult(Scores):
+    """A trained run on the test split, beside the base model zero-shot (``metrics.json``)."""
+
+    method: str
+    data_version: str
+    base_model: str
+    zeroshot: Scores
+    # copied from the training summary (absent for an artifact evaluated without one)
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_pct: float | None = None
+    tokens_per_s: float | None = None
+    train_seconds: float | None = None
+    train_tokens: int | None = None
+    wall_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    artifact_bytes: int | None = None
+    steps: int | None = None
+
+    def flat(self) -> dict:
+        """metrics.json as a dict (absent figures left out)."""
+        return self.model_dump(exclude_none=True)

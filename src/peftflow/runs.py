@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from peftflow import data, tracking
 from peftflow.config import Params
 from peftflow.evaluate import score_artifact
-from peftflow.results import TRAIN_METRICS
+from peftflow.results import TRAIN_METRICS, EvalResult
 from peftflow.training.sft import train
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def train_tracked(params: Params, root: Path, data_md5: str | None, tags: dict[s
     return run.run_id
 
 
-def evaluate_tracked(run_id: str, root: Path, params: Params) -> dict[str, Any]:
+def evaluate_tracked(run_id: str, root: Path, params: Params) -> EvalResult:
     """Score the run's logged artifact on the test split; log the metrics to the run. Returns metrics.json.
 
     ``params`` gives the tracking store and, when the run's data is elsewhere, the data folder.
@@ -45,7 +44,8 @@ def evaluate_tracked(run_id: str, root: Path, params: Params) -> dict[str, Any]:
     client, _ = tracking.connect(params, root)
     with tracking.downloaded(client, run_id) as run_dir, tracking.running(client, run_id):
         result = score_artifact(run_dir, root, params)
-        scored = {k: v for k, v in tracking.metrics_to_log(result).items() if k not in TRAIN_METRICS}  # logged already
+        logged = tracking.metrics_to_log(result.flat())
+        scored = {k: v for k, v in logged.items() if k not in TRAIN_METRICS}  # training logged those already
         tracking.log_metrics(client, run_id, scored)
         client.log_artifact(run_id, str(run_dir / "metrics.json"))
         client.set_tag(run_id, "peftflow.evaluated", "true")

@@ -44,9 +44,9 @@ def sft(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callb
     )
     return {
         **{k: summary[k] for k in keep if summary.get(k) is not None},
-        "test_loss": metrics["test_loss"],
-        "test_perplexity": metrics["test_perplexity"],
-        "zeroshot_test_loss": metrics["zeroshot"]["test_loss"],
+        "test_loss": metrics.test_loss,
+        "test_perplexity": metrics.test_perplexity,
+        "zeroshot_test_loss": metrics.zeroshot.test_loss,
     }
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from peftflow import config, registry, tracking, versioning
 from peftflow.config import Params, ParamsError, merge_files, method_file, named_method, parse_override
-from peftflow.pipeline import DataVersion, Project, check_overrides
+from peftflow.pipeline import DataVersion, Project, check_overrides, data_version, reproduce_stage
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,9 @@ def prepare_data(project: Project) -> DataVersion:
     """``dvc repro`` of the base model (embedded only) and the RLHF data, ``dvc push``; the data version."""
     check_overrides(project.overrides)
     params = load_stage("sft", project.root / project.params_dir, project.overrides, project.files)
-    targets = (["base_model"] if params.model.name_or_path == "embedded" else []) + ["rlhf_prepare"]
-    ran = versioning.repro(project.root, targets)
-    versioning.push(project.root, ["rlhf_prepare"])
+    ran = reproduce_stage(project, params, "rlhf_prepare")
     out_dir = params.rlhf.data.out_dir
-    manifest = json.loads((project.root / out_dir / "manifest.json").read_text())
-    return DataVersion(
-        version=manifest["version"],
-        dvc_md5=versioning.out_hash(project.root, str(out_dir)),
-        out_dir=out_dir,
-        rows={k: v["rows"] for k, v in manifest["files"].items()},
-        stages_run=ran,
-    )
+    return data_version(project, out_dir, versioning.out_hash(project.root, str(out_dir)), ran)
 
 
 def _reusable(client, name: str, fp: str):
