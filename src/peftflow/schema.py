@@ -37,9 +37,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _level(field: Any) -> str:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    return extra.get("affects", MODEL)
+def _declared(field: Any) -> dict[str, Any]:
+    """What a field declares: ``affects`` (default "model", else its section's) and ``stages``."""
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
 
 
 def _is_section(annotation: Any) -> bool:
@@ -59,9 +59,9 @@ def fingerprint(params: BaseModel, scope: str = MODEL, stage: str | None = None)
 
     def walk(obj: BaseModel, prefix: str, inherited: str) -> None:
         for name, field in type(obj).model_fields.items():
-            level = _level(field) if _level(field) != MODEL else inherited
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if level not in wanted or (stage is not None and stage not in extra.get("stages", [stage])):
+            declared = _declared(field)
+            level = declared.get("affects", inherited)
+            if level not in wanted or (stage is not None and stage not in declared.get("stages", [stage])):
                 continue
             value = getattr(obj, name)
             if value is None and _is_section(field.annotation):
