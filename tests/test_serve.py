@@ -336,7 +336,9 @@ def test_browser_quick_run_from_the_prefect_ui(served, tmp_path):
             browser.close()
     run = served.wait(flow_run_id, timeout=30)  # what the page showed is what the server holds
     assert run["deployment_id"] == served.deployment("experiment", "experiment")["id"]
-    assert run["parameters"] == {"project": {"root": str(served.root), "params_dir": "params", "overrides": []}}
+    # the deployment's defaults, as Quick run sends them (files: the flow snapshots the params itself)
+    project = {"root": str(served.root), "params_dir": "params", "overrides": [], "files": None}
+    assert run["parameters"] == {"project": project}
     client = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}")
     runs = client.search_runs(
         [client.get_experiment_by_name("peftflow").experiment_id],
