@@ -84,11 +84,17 @@ def test_experiment_flow_registers_promotes_and_logs_lineage(project, harness):
     assert {"model/peftflow.json", "model/params.yaml", "model/adapter_model.safetensors"} <= files
 
 
-def test_promotion_keeps_the_champion_on_worse_and_tie(project, harness):
+def _champion_and_runs(project):
+    """The client, the champion version, the champion's run and the weaker run registered before it."""
     client = _client(project)
     champion = _aliases(client)["champion"]
     strong_run = client.get_model_version(MODEL, champion).run_id
     weak_run = client.get_model_version(MODEL, str(int(champion) - 1)).run_id
+    return client, champion, strong_run, weak_run
+
+
+def test_promotion_keeps_the_champion_on_worse_and_tie(project, harness):
+    client, champion, strong_run, weak_run = _champion_and_runs(project)
     proj = Project(root=project)
 
     worse = pipeline.register(proj, weak_run)
@@ -105,10 +111,7 @@ def test_promotion_keeps_the_champion_on_worse_and_tie(project, harness):
 
 def test_promote_judges_its_own_version_when_another_flow_registered_meanwhile(project, harness):
     """Flow 1 registers A, flow 2 registers B (`candidate` -> B), then flow 1 promotes: about A."""
-    client = _client(project)
-    champion = _aliases(client)["champion"]
-    strong_run = client.get_model_version(MODEL, champion).run_id
-    weak_run = client.get_model_version(MODEL, str(int(champion) - 1)).run_id
+    client, champion, strong_run, weak_run = _champion_and_runs(project)
     proj = Project(root=project)
 
     mine = pipeline.register(proj, weak_run)  # A: worse than the champion

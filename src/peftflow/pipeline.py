@@ -50,7 +50,8 @@ class Project(BaseModel):
         project resolves and validates each method's params once; callers get their own copy."""
         overrides = self.overrides if method else without_method(self.overrides)
         # copies of a project (model_copy) share this cache: the key holds all that resolving reads
-        key = (method, tuple(overrides), str(self.root), str(self.params_dir), id(self.files))
+        files = frozenset(self.files.items()) if self.files is not None else None
+        key = (method, tuple(overrides), str(self.root), str(self.params_dir), files)
         if self.files is None or key not in self._resolved:
             resolved = load_params(method, self.root / self.params_dir, overrides, self.files)
             if self.files is None:

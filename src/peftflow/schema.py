@@ -44,8 +44,9 @@ def _declared(field: Any) -> dict[str, Any]:
 
 def _is_section(annotation: Any) -> bool:
     """Whether a field's type is (optionally) a params section, e.g. ``RlhfParams | None``."""
-    args = typing.get_args(annotation) or (annotation,)
-    return any(_is_section(a) if typing.get_args(a) else isinstance(a, type) and issubclass(a, BaseModel) for a in args)
+    if typing.get_args(annotation):  # X | None, SerializeAsAny[X], ...
+        return any(_is_section(arg) for arg in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def fingerprint(params: BaseModel, scope: str = MODEL, stage: str | None = None) -> dict[str, Any]:

@@ -121,9 +121,8 @@ def register(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__module__}.Params.name defaults to {name!r}, expected {module!r} (the module name)")
     if name in _REGISTERED and type(_REGISTERED[name]) is not cls:
         raise TypeError(f"method {name!r} registered twice")
-    for attr in ("trains",):
-        if not hasattr(cls, attr):
-            raise TypeError(f"method {name}: declare {attr}")
+    if not hasattr(cls, "trains"):
+        raise TypeError(f"method {name}: declare what it trains (Method.trains)")
     cls.name = name
     method = cls()
     doc = sys.modules[cls.__module__].__doc__ or ""

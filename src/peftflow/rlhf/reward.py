@@ -122,10 +122,14 @@ def train(
     def pairs_in(batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
+    ordered = []  # per micro-batch of the current step: pairs whose chosen text scored higher
+
     def bradley_terry(model: RewardModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rewards = model(batch)
         n = rewards.shape[0] // 2
-        return -nn.functional.logsigmoid(rewards[:n] - rewards[n:]).sum()  # summed over the pairs
+        margin = rewards[:n] - rewards[n:]
+        ordered.append(int((margin > 0).sum()))
+        return -nn.functional.logsigmoid(margin).sum()  # summed over the pairs
 
     # the model and what trains it
     model = RewardModel(build_model(params))
@@ -152,18 +156,21 @@ def train(
         model.train()
         started = time.perf_counter()
         micro = [batch_of(rows) for rows in sampler.step_indices(step, cfg.grad_accum)]
+        ordered.clear()
         result = optimizer_step(
             model, micro, pairs_in, bradley_terry, optimizer, scheduler, accelerator, cfg.max_grad_norm, method, step,
             backbone,
         )  # fmt: skip
         state["train_seconds"] += time.perf_counter() - started
         state["step"] = step
-        state["history"].append({"step": step, "loss": result.loss})
-        bar.set_postfix(loss=f"{result.loss:.4f}")
+        accuracy = sum(ordered) / max(sum(pairs_in(b) for b in micro), 1)  # this process's pairs
+        state["history"].append({"step": step, "loss": result.loss, "accuracy": accuracy})
+        bar.set_postfix(loss=f"{result.loss:.4f}", acc=f"{accuracy:.2f}")
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             for cb in callbacks:
-                cb({"train_loss": result.loss, "lr": scheduler.get_last_lr()[0]}, step)
+                metrics = {"train_loss": result.loss, "train_pairwise_accuracy": accuracy}
+                cb({**metrics, "lr": scheduler.get_last_lr()[0]}, step)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             found = pairwise_accuracy(model, tokenizer, eval_pairs, params.eval.batch_size, limit)
             state["evals"].append({"step": step, **found})
