@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from peftflow.distributed.params import DistributedParams
 from peftflow.methods import DEFAULT as DEFAULT_METHOD
 from peftflow.methods import MethodParams, get_method, method_names
 from peftflow.rlhf.params import RlhfParams
@@ -171,6 +172,7 @@ class Params(Strict):
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
+    distributed: DistributedParams = DistributedParams()  # one run on several processes / devices
     eval: EvalParams = affects(FIGURES, EvalParams())
     tracking: TrackingParams = operational(TrackingParams())
     promote: PromoteParams = operational(PromoteParams())
@@ -206,10 +208,12 @@ class Params(Strict):
             ("data", "out_dir"),
             ("train", "output_dir"),
             ("tracking", "artifact_dir"),
+            ("distributed", "deepspeed"),
+            ("distributed", "accelerate_config"),
         ]:
             obj = getattr(out, section)
             value = getattr(obj, key)
-            if not value.is_absolute():
+            if value is not None and not value.is_absolute():
                 setattr(obj, key, root / value)
         pairs = [(out.model, "name_or_path"), (out.data, "source")]
         if out.rlhf is not None:

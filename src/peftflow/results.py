@@ -45,10 +45,12 @@ class TrainSummary(BaseModel):
     train_tokens: int  # prompt + completion tokens, no padding, all processes
     train_seconds: float  # in optimizer steps only
     tokens_per_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # the largest of the run's processes
     wall_seconds: float  # the whole call: loading, training, evaluations, saving
     device: str
     mixed_precision: str
+    num_processes: int = 1  # processes that trained the run (distributed.num_processes)
+    strategy: str = "none"  # distributed.strategy
     artifact_bytes: int | None = None  # set once the run finished and saved its artifact
 
     def final_metrics(self) -> dict[str, float]:

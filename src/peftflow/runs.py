@@ -28,7 +28,7 @@ def train_tracked(params: Params, root: Path, data_md5: str | None, tags: dict[s
     with tracking.tracked_run(params, root, params.method.name, run_tags) as run:
         local.train.run_name = run.run_id  # the run folder is named after the MLflow run
         tracking.log_datasets(run.client, run.run_id, params, manifest, data_md5)
-        summary = train(local, resume=False, callbacks=(run.log_metrics,))
+        summary = train(local, resume=False, callbacks=(run.metrics_logger(),))
         run.log_metrics(summary.final_metrics(), summary.steps)
         run.log_artifact(local.run_dir / "train_summary.json")
         run.log_artifacts(local.run_dir / "model", "model")

@@ -161,6 +161,24 @@ def running(client: MlflowClient, run_id: str) -> Iterator[None]:
     client.set_terminated(run_id, "FINISHED")
 
 
+class MetricsLogger:
+    """A training recipe's ``(metrics, step)`` callback that logs to one run by its id. It pickles
+    as (tracking URI, run id), so it can travel to a run's worker processes, where only the main
+    process calls it: one training is one MLflow run, whatever its process count."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+
+    def __call__(self, metrics: dict[str, float], step: int = 0) -> None:
+        if self._client is None:
+            self._client = MlflowClient(self.uri, registry_uri=self.uri)
+        log_metrics(self._client, self.run_id, metrics, step)
+
+
 class TrackedRun:
     """An open MLflow run: what a caller logs through while :func:`tracked_run` holds it."""
 
@@ -170,6 +188,10 @@ class TrackedRun:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Also the per-step callback a training recipe takes: ``(metrics, step)``."""
         log_metrics(self.client, self.run_id, metrics, step)
+
+    def metrics_logger(self) -> MetricsLogger:
+        """:meth:`log_metrics` as a callback that other processes can call too."""
+        return MetricsLogger(self.client.tracking_uri, self.run_id)
 
     def log_artifact(self, path: Path, under: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), under)

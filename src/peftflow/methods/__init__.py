@@ -15,7 +15,8 @@ Capabilities (class attributes):
 - ``mergeable``: ``merge`` is overridden, so the trained update folds into the base weights.
 
 Hooks (methods with a default): ``bind``, ``load_kwargs``, ``optimizer``, ``extra_loss``,
-``after_step``, ``state``/``load_state``, ``save``/``load``, ``merge``, ``expected_trainable``.
+``after_step``, ``state``/``load_state``, ``save``/``load``, ``merge``, ``expected_trainable``,
+``unsupported`` (the distributed strategies it cannot train under, and why).
 
 Adding a method is one module here and one ``params/methods/<name>.yaml``: nothing else lists the
 methods. Modules whose name starts with ``_`` hold helpers several methods share.
@@ -103,6 +104,11 @@ class Method:
     @property
     def mergeable(self) -> bool:
         return type(self).merge is not Method.merge
+
+    def unsupported(self, strategy: str, params: Any) -> str | None:
+        """Why the method cannot train under ``strategy`` (``distributed.strategy``), or None if it can.
+        Checked before any worker starts."""
+        return None
 
     def expected_trainable(self, base: nn.Module, params: Any) -> int | None:
         """The closed-form trainable parameter count on ``base`` (a Llama), for the tests; None if

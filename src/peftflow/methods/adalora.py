@@ -67,6 +67,14 @@ class AdaLoRA(PeftWeightAdapter):  # P·Λ·Q folds into W like B·A
         )
         return get_peft_model(model, config)
 
+    def unsupported(self, strategy: str, params: Params) -> str | None:
+        if strategy in ("fsdp", "deepspeed"):
+            return (
+                "its rank allocator reads whole gradients and masks whole parameters after each step, which "
+                "sharded parameters (and DeepSpeed's fused step) do not offer; use ddp"
+            )
+        return None
+
     def extra_loss(self, model) -> torch.Tensor:
         """peft's orthogonality penalty: mean ||A·Aᵀ - I||_F and ||Bᵀ·B - I||_F, times orth_reg_weight."""
         weight = model.peft_config[model.active_adapter].orth_reg_weight

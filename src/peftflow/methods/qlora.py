@@ -77,6 +77,14 @@ class QLoRA(lora.LoRA):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, lora.lora_config(params))
 
+    def unsupported(self, strategy: str, params: Params) -> str | None:
+        if strategy in ("fsdp", "deepspeed"):
+            return (
+                "sharding 4-bit bitsandbytes weights needs their quant_storage dtype to equal the compute dtype, "
+                "which peftflow does not configure; use ddp (each process holds the 4-bit base) or lora with fsdp"
+            )
+        return None
+
     def optimizer(self, trainable, lr: float, weight_decay: float, params: Params) -> torch.optim.Optimizer:
         if params.paged_optimizer and torch.cuda.is_available():
             import bitsandbytes as bnb

@@ -1,7 +1,12 @@
 """Checkpoints that resume exactly: trained tensors, optimizer, scheduler, RNG states, the method's
 own training state and the recipe's ``state`` dict, written atomically (a ``.partial`` folder
 renamed when complete), the oldest pruned. A checkpoint records the fingerprint of the params that
-shape the trajectory (:func:`peftflow.config.fingerprint`) and is refused under other ones."""
+shape the trajectory (:func:`peftflow.config.fingerprint`) and is refused under other ones.
+
+Given the run's ``accelerator``, saving and loading are collective (every process calls them): the
+trained tensors and the optimizer state are gathered complete (FSDP shards, DDP replicas alike,
+keyed by parameter name) and written once by the main process, with every process's RNG state, so
+a checkpoint is whole whatever the strategy and resumes exactly under it."""
 
 from __future__ import annotations
 
@@ -47,21 +52,38 @@ def save(
     keep: int,
     method: Method | None = None,
     method_model=None,
+    accelerator=None,
 ) -> Path:
     """Write checkpoint step-N atomically; prune all but the newest ``keep``. ``method_model``: the
-    module the method's hooks act on, if not ``model`` (e.g. a reward model's backbone)."""
+    module the method's hooks act on, if not ``model`` (e.g. a reward model's backbone).
+    ``accelerator``: the run's; every process must call (``model``, ``optimizer``: the prepared ones)."""
     final = ckpt_root / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
-        torch.save(_trainable_state(model), tmp / "trainable.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        extra = method.state(method_model if method_model is not None else model) if method else None
-        if extra is not None:
-            torch.save(extra, tmp / "method_state.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-    for old in sorted(ckpt_root.glob("step-???????"))[:-keep]:
-        shutil.rmtree(old)
+    if accelerator is None:
+        trainable, optim, rngs, main = _trainable_state(model), optimizer.state_dict(), [_rng_state()], True
+    else:
+        from accelerate.utils import gather_object
+
+        from peftflow.distributed import strategy
+
+        trainable = strategy.trainable_state(model, accelerator)
+        optim = strategy.optimizer_state(model, optimizer, accelerator)
+        rngs = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
+        main = accelerator.is_main_process
+        method_model = method_model if method_model is not None else accelerator.unwrap_model(model)
+    if main:
+        with atomic_dir(final) as tmp:
+            torch.save(trainable, tmp / "trainable.pt")
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs, tmp / "rng.pt")  # one per process, by rank
+            extra = method.state(method_model if method_model is not None else model) if method else None
+            if extra is not None:
+                torch.save(extra, tmp / "method_state.pt")
+            (tmp / "state.json").write_text(json.dumps(state))
+        for old in sorted(ckpt_root.glob("step-???????"))[:-keep]:
+            shutil.rmtree(old)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # no process goes on (or resumes) before the checkpoint is whole
     return final
 
 
@@ -78,9 +100,11 @@ def load(
     method: Method | None = None,
     params: dict | None = None,
     method_model=None,
+    accelerator=None,
 ) -> dict:
     """Restore a checkpoint into model, optimizer, scheduler and RNGs; refuse it, before touching
-    anything, if it was made with other trajectory params than ``params`` (flattened)."""
+    anything, if it was made with other trajectory params than ``params`` (flattened).
+    ``accelerator``: the run's; every process must call, with the prepared model and optimizer."""
     state = json.loads((ckpt / "state.json").read_text())
     saved = state.get("params", {})
     changed = sorted(k for k in saved.keys() | (params or {}).keys() if saved.get(k) != params.get(k)) if params else []
@@ -90,16 +114,27 @@ def load(
             f"resume with the same params, or start over with --no-resume"
         )
     weights = torch.load(ckpt / "trainable.pt", weights_only=True)
-    named = dict(model.named_parameters())
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    named = dict(unwrapped.named_parameters())
     missing = [n for n, p in named.items() if p.requires_grad and n not in weights]
     if missing:
         raise ValueError(f"{ckpt}: checkpoint lacks trained tensors {missing[:3]}...; was it made by another method?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            named[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    if accelerator is None:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(optim)
+    else:
+        from peftflow.distributed import strategy
+
+        strategy.load_trainable_state(model, accelerator, weights)
+        strategy.load_optimizer_state(model, optimizer, optim)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    rngs = torch.load(ckpt / "rng.pt", weights_only=False)
+    rank = accelerator.process_index if accelerator is not None else 0
+    _set_rng_state(rngs[rank] if isinstance(rngs, list) else rngs)
+    method_model = method_model if method_model is not None else unwrapped
     if method is not None and (ckpt / "method_state.pt").is_file():
         method.load_state(
             method_model if method_model is not None else model,

@@ -80,19 +80,25 @@ def optimizer_step(
     """
     hooked = method_model or (lambda: accelerator.unwrap_model(model))
     world = accelerator.num_processes
+    gas = accelerator.gradient_accumulation_steps
+    if gas not in (1, len(micro_batches)):
+        raise ValueError(f"the Accelerator accumulates {gas} micro-batches per step, this step has {len(micro_batches)}")
     local = sum(units(b) for b in micro_batches)
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")) if world > 1 else local
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
         batch = {key: t.to(accelerator.device) for key, t in batch.items()}
-        with accelerator.autocast():
+        # accumulate(): no gradient all-reduce before the step's last micro-batch (DDP's no_sync,
+        # FSDP's and DeepSpeed's accumulation boundary)
+        with accelerator.accumulate(model), accelerator.autocast():
             summed = objective(model, batch)
             extra = method.extra_loss(hooked()) if method is not None else None
-        # DDP averages gradients over processes: times world makes it the sum over all, / total the mean
-        scaled = summed * world / max(total, 1)  # with one process exactly the mean (x1 is exact)
-        if extra is not None:
-            scaled = scaled + extra / len(micro_batches)
-        accelerator.backward(scaled)
+            # DDP averages gradients over processes: times world makes it the sum over all, / total
+            # the mean; times gas undoes accelerate's (and DeepSpeed's) division by the micro-batch count
+            scaled = summed * (world * gas) / max(total, 1)  # with one process exactly the mean (x1 is exact)
+            if extra is not None:
+                scaled = scaled + extra * gas / len(micro_batches)
+            accelerator.backward(scaled)
         loss_sum += summed.detach().float()
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)

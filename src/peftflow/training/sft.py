@@ -23,12 +23,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import set_seed
 
 from peftflow import artifacts, data
 from peftflow.config import Params, fingerprint, save_params
+from peftflow.distributed import launch, strategy
 from peftflow.evaluate import heldout_loss
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
@@ -36,7 +36,7 @@ from peftflow.results import TrainSummary
 from peftflow.tokens import collate, completion_loss_sum, completion_tokens, encode
 from peftflow.training import checkpoint
 from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
-from peftflow.training.optim import make_optimizer, make_scheduler, mixed_precision, optimizer_step
+from peftflow.training.optim import make_optimizer, make_scheduler, optimizer_step
 from peftflow.training.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -80,22 +80,47 @@ def train(
 
     resume: continue from the newest complete checkpoint in the run folder, if any.
     stop_after: stop (after checkpointing) once this step is done, as if interrupted.
-    model: a model from :func:`build_model` to train in place (default: build one).
-    Returns the summary also written to ``train_summary.json``.
+    model: a model from :func:`build_model` to train in place (default: build one; one process only).
+    callbacks: called on the main process only; with ``distributed.num_processes`` > 1 they travel
+    to the workers, so they must pickle (e.g. :class:`peftflow.tracking.MetricsLogger`).
+    Returns the summary also written to ``train_summary.json``. With a ``distributed`` strategy the
+    run's processes are launched here (unless this process already is one of them).
     """
+    method = get_method(params.method.name)
+    strategy.check_method(method, params)
+    if params.distributed.launches and not launch.in_worker():
+        if model is not None:
+            raise ValueError("train(model=...) trains in this process; it cannot be sent to distributed workers")
+        return launch.launch(params.distributed, _train, params, resume, stop_after, callbacks, progress, None)
+    return _train(params, resume, stop_after, callbacks, progress, model)
+
+
+def _train(
+    params: Params,
+    resume: bool,
+    stop_after: int | None,
+    callbacks: tuple[Callback, ...],
+    progress: bool,
+    model: torch.nn.Module | None,
+) -> TrainSummary:
+    """The loop, in this process (one of the run's processes, if there are several)."""
     started_at = time.perf_counter()
     reset_peak_memory()
     cfg, method = params.train, get_method(params.method.name)
     run_dir = params.run_dir
     ckpt_root = run_dir / "checkpoints"
-    if not resume:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
     set_seed(params.seed)
-    # step_scheduler_with_optimizer=False: max_steps counts global steps, so the schedule steps once
-    # per optimizer step, not once per process
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False)
 
-    # the data
+    # the model, and the processes that train it
+    model = build_model(params) if model is None else model
+    trainable, total = count_parameters(model)
+    accelerator = strategy.make_accelerator(params, cfg.grad_accum, getattr(model, "_no_split_modules", None))
+    main = accelerator.is_main_process
+    if main and not resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    # the data: each process takes its own rows of every global batch
     tokenizer = load_tokenizer(params.model)
     manifest = data.read_manifest(params.data.out_dir)
     train_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "train")]
@@ -105,9 +130,7 @@ def train(
         [len(e) for e in train_set], cfg.batch_size, params.seed, accelerator.process_index, accelerator.num_processes
     )
 
-    # the model, what trains it, and where it resumes from
-    model = build_model(params) if model is None else model
-    trainable, total = count_parameters(model)
+    # what trains it, and where it resumes from
     virtual = method.input_virtual_tokens(params.method)
     optimizer = make_optimizer(model, cfg, method, params.method)
     scheduler = make_scheduler(cfg, optimizer)
@@ -118,24 +141,35 @@ def train(
     state = {"step": 0, "history": [], "evals": [], "tokens": 0, "train_seconds": 0.0, "params": fp}
     ckpt = checkpoint.latest(ckpt_root) if resume else None
     if ckpt is not None:
-        state = checkpoint.load(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, method, fp)
+        state = checkpoint.load(ckpt, model, optimizer, scheduler, method, fp, accelerator=accelerator)
         log.info("resumed from %s (step %d)", ckpt, state["step"])
-    else:  # a fresh start: nothing of an earlier run may sit beside the new one
+    elif main:  # a fresh start: nothing of an earlier run may sit beside the new one
         shutil.rmtree(run_dir / "model", ignore_errors=True)
         for stale in ("train_summary.json", "metrics.json"):
             (run_dir / stale).unlink(missing_ok=True)
-    save_params(params, run_dir / "params.yaml")
+    if main:
+        save_params(params, run_dir / "params.yaml")
+    accelerator.wait_for_everyone()
+
+    def report(metrics: dict[str, float], step: int) -> None:
+        if main:
+            for cb in callbacks:
+                cb(metrics, step)
 
     def evaluate_now(step: int) -> None:
+        # every process runs the whole validation set (sharded weights are gathered collectively)
         loss = heldout_loss(model, val_set, tokenizer.pad_token_id, cfg.batch_size, accelerator.device, virtual)
         state["evals"].append({"step": step, "val_loss": loss})
-        for cb in callbacks:
-            cb({"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}, step)
+        report({"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}, step)
 
     # the loop
     last = min(cfg.max_steps, stop_after or cfg.max_steps)
     bar = tqdm(
-        total=cfg.max_steps, initial=state["step"], desc=f"train {method.name}", disable=not progress, unit="step"
+        total=cfg.max_steps,
+        initial=state["step"],
+        desc=f"train {method.name}" + (f" x{accelerator.num_processes}" if accelerator.num_processes > 1 else ""),
+        disable=not (progress and main),
+        unit="step",
     )
     model.train()
     while state["step"] < last:
@@ -150,23 +184,23 @@ def train(
             method, step,
         )  # fmt: skip
         state["train_seconds"] += time.perf_counter() - started
-        state["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes
+        state["tokens"] += global_sum(accelerator, sum(int(b["attention_mask"].sum()) for b in micro))
         state["step"] = step
         state["history"].append({"step": step, "loss": result.loss, "lr": scheduler.get_last_lr()[0]})
         tok_s = state["tokens"] / max(state["train_seconds"], 1e-9)
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            for cb in callbacks:
-                cb({"train_loss": result.loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}, step)
+            report({"train_loss": result.loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}, step)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             evaluate_now(step)
             model.train()
             bar.write(f"step {step}: train loss {result.loss:.4f}, val loss {state['evals'][-1]['val_loss']:.4f}")
         if cfg.save_every and (step % cfg.save_every == 0 or step == last) and step < cfg.max_steps:
-            if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(model)
-                checkpoint.save(ckpt_root, step, unwrapped, optimizer, scheduler, state, cfg.keep_checkpoints, method)
+            checkpoint.save(
+                ckpt_root, step, model, optimizer, scheduler, state, cfg.keep_checkpoints, method,
+                accelerator=accelerator,
+            )  # fmt: skip
     bar.close()
 
     # the artifact and the summary
@@ -185,14 +219,52 @@ def train(
         train_tokens=state["tokens"],
         train_seconds=state["train_seconds"],
         tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
-        peak_memory_bytes=peak_memory_bytes(),
+        peak_memory_bytes=global_max(accelerator, peak_memory_bytes()),  # the most any process needed
         wall_seconds=time.perf_counter() - started_at,  # this call: loading, training, evals, saving
         device=str(accelerator.device),
         mixed_precision=accelerator.mixed_precision,
+        num_processes=accelerator.num_processes,
+        strategy=params.distributed.strategy,
     )
-    if summary.finished and accelerator.is_main_process:
-        out = artifacts.save(accelerator.unwrap_model(model), method, run_dir / "model", params.method)
-        summary.artifact_bytes = artifacts.size_bytes(out)
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete; its artifact supersedes them
-    (run_dir / "train_summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    if summary.finished:
+        out = save_artifact(model, accelerator, params, run_dir / "model")
+        if main:
+            summary.artifact_bytes = artifacts.size_bytes(out)
+            shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete; its artifact supersedes them
+    if main:
+        (run_dir / "train_summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    accelerator.wait_for_everyone()
     return summary
+
+
+def global_sum(accelerator, value: int) -> int:
+    """``value`` summed over the run's processes."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum"))
+
+
+def global_max(accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+
+
+def save_artifact(model, accelerator, params: Params, out_dir):
+    """Write the trained artifact from the main process (a collective under sharding: the trained
+    tensors are gathered complete first, into a fresh unsharded copy of the model that the method
+    saves as it would in one process)."""
+    method = get_method(params.method.name)
+    if not strategy.sharded(accelerator):
+        if accelerator.is_main_process:
+            artifacts.save(accelerator.unwrap_model(model), method, out_dir, params.method)
+        return out_dir
+    trained = strategy.trainable_state(model, accelerator)
+    if accelerator.is_main_process:
+        whole = build_model(params)
+        missing = {n for n, p in whole.named_parameters() if p.requires_grad} - set(trained)
+        if missing:
+            raise RuntimeError(f"gathering the trained tensors missed {sorted(missing)[:3]}")
+        whole.load_state_dict(trained, strict=False)
+        artifacts.save(whole, method, out_dir, params.method)
+    return out_dir

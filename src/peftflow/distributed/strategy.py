@@ -1,0 +1,195 @@
+"""What each strategy needs in a worker: its Accelerator, and complete tensors from sharded ones.
+
+accelerate does the work (DDP wrapping, FSDP2's ``fully_shard``, the DeepSpeed engine, gradient
+accumulation without all-reduce on non-final micro-batches); torch.distributed.checkpoint gathers
+sharded FSDP2 tensors and optimizer state, and DeepSpeed its ZeRO-3 partitions. What is written
+here by hand: choosing the plugin from params, filling a DeepSpeed file's "auto" values from
+``train.*``, and, on CPU, switching accelerate's FSDP on (accelerate enables FSDP on accelerators
+only; FSDP2 itself runs over gloo, which is how the CPU tests exercise the GPU code path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
+
+from peftflow.distributed.launch import WORKER_ENV, launched_externally
+from peftflow.distributed.params import DistributedParams
+
+log = logging.getLogger(__name__)
+
+
+def check_method(method, params) -> None:
+    """One line, before anything starts, if the run's method cannot train under its strategy."""
+    strategy = params.distributed.strategy
+    why = method.unsupported(strategy, params.method)
+    if why:
+        raise ValueError(f"method {method.name} with distributed.strategy {strategy}: {why}")
+
+
+def deepspeed_config(params) -> dict[str, Any]:
+    """The run's DeepSpeed JSON with its "auto" values filled from ``train.*``."""
+    path = Path(params.distributed.deepspeed)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"distributed.deepspeed: {path}: no such DeepSpeed config file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"distributed.deepspeed: {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    cfg, world = params.train, params.distributed.num_processes
+    precision = mixed_precision_of(cfg.mixed_precision)
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
+        "gradient_clipping": cfg.max_grad_norm or 0.0,
+    }
+    for key, value in auto.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise ValueError(f"{path}: {key} is {config[key]}, but train.* make it {value}; set it to \"auto\"")
+    for section, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        if config.get(section, {}).get("enabled", "auto") == "auto":
+            config.setdefault(section, {})["enabled"] = on
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # the saved artifact must be the whole model, gathered
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    for key, value in list(zero.items()):
+        if value == "auto":  # the bucket sizes accelerate would derive from the model: DeepSpeed's defaults
+            del zero[key]
+    return config
+
+
+def mixed_precision_of(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _fsdp_plugin(dist: DistributedParams, layer_classes: list[str]):
+    from accelerate import FullyShardedDataParallelPlugin
+
+    fsdp = dist.fsdp
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp.version,
+        auto_wrap_policy="transformer_based_wrap" if fsdp.auto_wrap == "transformer_layer" else "no_wrap",
+        transformer_cls_names_to_wrap=layer_classes if fsdp.auto_wrap == "transformer_layer" else None,
+        reshard_after_forward=fsdp.reshard_after_forward,
+        cpu_offload=fsdp.cpu_offload,
+        state_dict_type="FULL_STATE_DICT" if fsdp.state_dict == "full" else "SHARDED_STATE_DICT",
+    )
+
+
+def make_accelerator(params, grad_accum: int, layer_classes: list[str] | None = None) -> Accelerator:
+    """The Accelerator of this process for the run's strategy; in a launch, checked to see all its
+    processes. ``layer_classes``: the decoder block classes FSDP shards one by one."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    dist, cfg = params.distributed, params.train
+    cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        mixed_precision=mixed_precision_of(cfg.mixed_precision),
+        # max_steps counts global steps: the schedule steps once per optimizer step, not per process
+        step_scheduler_with_optimizer=False,
+        gradient_accumulation_steps=grad_accum,
+    )
+    external = launched_externally()  # torchrun / accelerate launch: its environment decides
+    if dist.strategy == "deepspeed" and not external:
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(params))
+        if cpu:  # accelerate would pick no backend for DeepSpeed without a GPU
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif dist.strategy == "fsdp" and not external:
+        kwargs.update(cpu=cpu, fsdp_plugin=_fsdp_plugin(dist, layer_classes or []))
+    else:
+        kwargs["cpu"] = cpu
+    accelerator = Accelerator(**kwargs)
+    if dist.strategy == "fsdp" and not external and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # in both shared states: every later AcceleratorState() copies PartialState's over its own
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
+    _check_world(accelerator, dist)
+    return accelerator
+
+
+def _check_world(accelerator: Accelerator, dist: DistributedParams) -> None:
+    """Stop, in one line, a worker that was launched as one of several but trains alone."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if WORKER_ENV in os.environ:
+        expected = max(expected, dist.num_processes)
+    if accelerator.num_processes != expected:
+        raise RuntimeError(
+            f"this process was launched as one of {expected} (WORLD_SIZE={os.environ.get('WORLD_SIZE')}), but "
+            f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}): "
+            f"on a machine without GPUs launch with `peftflow train --nproc N` or `accelerate launch --cpu`"
+        )
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """Whether parameters are split across processes (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def trainable_state(model, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """The trained tensors by name, complete and on CPU, on the main process (a collective under
+    FSDP and DeepSpeed: every process must call it; the others get ``{}``)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            state = {n: p.detach().cpu().clone() for n, p in named} if accelerator.is_main_process else {}
+        return state
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    trained = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    return {n: t.clone() for n, t in state.items() if n in trained} if accelerator.is_main_process else {}
+
+
+def load_trainable_state(model, accelerator: Accelerator, state: dict[str, torch.Tensor]) -> None:
+    """Put complete trained tensors (from :func:`trainable_state`) back into a prepared model."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        named = dict(accelerator.unwrap_model(model).named_parameters())
+        params = [named[n] for n in state]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            if accelerator.is_main_process:
+                for name, tensor in state.items():
+                    named[name].copy_(tensor)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state(model, optimizer, accelerator: Accelerator) -> dict:
+    """The optimizer's state, complete and keyed by parameter name, on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, inner, options=options)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
