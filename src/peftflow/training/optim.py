@@ -82,7 +82,9 @@ def optimizer_step(
     world = accelerator.num_processes
     gas = accelerator.gradient_accumulation_steps
     if gas not in (1, len(micro_batches)):
-        raise ValueError(f"the Accelerator accumulates {gas} micro-batches per step; this step has {len(micro_batches)}")
+        raise ValueError(
+            f"the Accelerator accumulates {gas} micro-batches per step; this step has {len(micro_batches)}"
+        )
     local = sum(units(b) for b in micro_batches)
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")) if world > 1 else local
     loss_sum = torch.zeros((), device=accelerator.device)
