@@ -10,9 +10,11 @@ only; FSDP2 itself runs over gloo, which is how the CPU tests exercise the GPU c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def deepspeed_config(params) -> dict[str, Any]:
         if config.get(key, "auto") == "auto":
             config[key] = value
         elif config[key] != value:
-            raise ValueError(f"{path}: {key} is {config[key]}, but train.* make it {value}; set it to \"auto\"")
+            raise ValueError(f'{path}: {key} is {config[key]}, but train.* make it {value}; set it to "auto"')
     for section, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         if config.get(section, {}).get("enabled", "auto") == "auto":
             config.setdefault(section, {})["enabled"] = on
@@ -144,6 +146,24 @@ def sharded(accelerator: Accelerator) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def unsharded_init(accelerator: Accelerator) -> Iterator[None]:
+    """A context in which a model is built whole in this process alone: under DeepSpeed ZeRO-3,
+    transformers would partition a new model across the processes (a collective) while the
+    run's DeepSpeed config is registered with it (a module-level weak reference, restored after)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def trainable_state(model, accelerator: Accelerator) -> dict[str, torch.Tensor]:
     """The trained tensors by name, complete and on CPU, on the main process (a collective under
     FSDP and DeepSpeed: every process must call it; the others get ``{}``)."""
@@ -179,8 +199,23 @@ def load_trainable_state(model, accelerator: Accelerator, state: dict[str, torch
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def optimizer_state(model, optimizer, accelerator: Accelerator) -> dict:
-    """The optimizer's state, complete and keyed by parameter name, on the main process."""
+def optimizer_state(model, optimizer, accelerator: Accelerator, engine_dir: Path) -> dict | None:
+    """The optimizer's state, complete and keyed by parameter name, on the main process (a
+    collective). Under DeepSpeed, whose ZeRO optimizer keeps flat partitions, every process writes
+    its own into ``engine_dir`` with the engine's checkpoint instead (trainable weights only), and
+    this returns None."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import shutil
+
+        from peftflow.training.checkpoint import ENGINE
+
+        if accelerator.is_main_process:
+            shutil.rmtree(engine_dir, ignore_errors=True)
+            engine_dir.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        model.save_checkpoint(engine_dir, tag=ENGINE, save_latest=False, exclude_frozen_parameters=True)
+        accelerator.wait_for_everyone()
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper

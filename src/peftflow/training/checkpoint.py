@@ -22,6 +22,8 @@ import torch
 from peftflow.atomic import atomic_dir
 from peftflow.methods import Method
 
+ENGINE = "engine"  # the DeepSpeed engine's checkpoint folder (and tag) inside a checkpoint
+
 
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -66,14 +68,18 @@ def save(
         from peftflow.distributed import strategy
 
         trainable = strategy.trainable_state(model, accelerator)
-        optim = strategy.optimizer_state(model, optimizer, accelerator)
         rngs = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
         main = accelerator.is_main_process
         method_model = method_model if method_model is not None else accelerator.unwrap_model(model)
+        engine = final.with_name(f".{final.name}.engine")  # DeepSpeed: each process writes its partition
+        optim = strategy.optimizer_state(model, optimizer, accelerator, engine)
     if main:
         with atomic_dir(final) as tmp:
             torch.save(trainable, tmp / "trainable.pt")
-            torch.save(optim, tmp / "optimizer.pt")
+            if optim is None:
+                shutil.move(engine, tmp / ENGINE)
+            else:
+                torch.save(optim, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rngs, tmp / "rng.pt")  # one per process, by rank
             extra = method.state(method_model if method_model is not None else model) if method else None
@@ -119,17 +125,21 @@ def load(
     missing = [n for n, p in named.items() if p.requires_grad and n not in weights]
     if missing:
         raise ValueError(f"{ckpt}: checkpoint lacks trained tensors {missing[:3]}...; was it made by another method?")
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     if accelerator is None:
         with torch.no_grad():
             for name, tensor in weights.items():
                 named[name].copy_(tensor)
-        optimizer.load_state_dict(optim)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    elif (ckpt / ENGINE).is_dir():  # a DeepSpeed engine's own checkpoint: weights and partitioned optimizer
+        model.load_checkpoint(
+            ckpt / ENGINE, tag=ENGINE, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )  # fmt: skip
     else:
         from peftflow.distributed import strategy
 
         strategy.load_trainable_state(model, accelerator, weights)
-        strategy.load_optimizer_state(model, optimizer, optim)
+        strategy.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rngs = torch.load(ckpt / "rng.pt", weights_only=False)
     rank = accelerator.process_index if accelerator is not None else 0

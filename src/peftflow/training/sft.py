@@ -261,7 +261,8 @@ def save_artifact(model, accelerator, params: Params, out_dir):
         return out_dir
     trained = strategy.trainable_state(model, accelerator)
     if accelerator.is_main_process:
-        whole = build_model(params)
+        with strategy.unsharded_init(accelerator):
+            whole = build_model(params)
         missing = {n for n, p in whole.named_parameters() if p.requires_grad} - set(trained)
         if missing:
             raise RuntimeError(f"gathering the trained tensors missed {sorted(missing)[:3]}")
