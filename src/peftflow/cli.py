@@ -82,17 +82,38 @@ def train(
     params_dir: ParamsDir = Path("params"),
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's newest checkpoint, if any.")] = True,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train on N processes (one per GPU; gloo on CPU): distributed.num_processes=N, with "
+            "distributed.strategy ddp unless the params name fsdp or deepspeed.",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune the base model with one method; writes runs/<method>/ (artifact, summary, params)."""
     from peftflow.training.sft import train as train_core
 
-    params = _params(method, params_dir, overrides)
+    params = _params(method, params_dir, [*(overrides or []), *_nproc_overrides(nproc, method, params_dir, overrides)])
     summary = run_or_exit(train_core, params, resume=resume)
+    on = f" on {summary.num_processes} processes ({summary.strategy})" if summary.num_processes > 1 else ""
     console.print(
-        f"[green]{method}: {summary.steps} steps, loss {summary.first_train_loss:.4f} -> "
+        f"[green]{method}{on}: {summary.steps} steps, loss {summary.first_train_loss:.4f} -> "
         f"{summary.final_train_loss:.4f}, {summary.tokens_per_s:,.0f} tokens/s, "
         f"{summary.train_seconds / 60:.1f} min[/] -> {params.run_dir}"
     )
+
+
+def _nproc_overrides(nproc: int | None, method: str, params_dir: Path, overrides: list[str] | None) -> list[str]:
+    """What ``--nproc N`` means as overrides: N processes, DDP unless a sharded strategy is set."""
+    if nproc is None:
+        return []
+    strategy = _params(method, params_dir, overrides).distributed.strategy
+    extra = [f"distributed.num_processes={nproc}"]
+    if strategy == "none" and nproc > 1:
+        extra.append("distributed.strategy=ddp")
+    return extra
 
 
 def _table(result: dict) -> Table:

@@ -51,10 +51,20 @@ def run_or_exit(fn: Callable[..., T], *args, **kwargs) -> T:
     # imported here, not at the top: `peftflow --help` should not wait for MLflow to import
     from peftflow.config import ParamsError
     from peftflow.data import DataError
+    from peftflow.distributed.launch import LaunchError
     from peftflow.tracking import TrackingError
     from peftflow.versioning import VersioningError
 
     try:
         return fn(*args, **kwargs)
-    except (ParamsError, DataError, TrackingError, VersioningError, FileNotFoundError, ValueError, KeyError) as e:
+    except (
+        ParamsError,
+        DataError,
+        LaunchError,
+        TrackingError,
+        VersioningError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    ) as e:
         fail(str(e).strip("'\""))

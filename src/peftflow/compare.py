@@ -64,15 +64,17 @@ def default_methods(project: Project) -> list[str]:
     return [m for m in method_names() if m in files]
 
 
-def steps_for_budget(lengths: list[int], batch_size: int, grad_accum: int, seed: int, budget: int) -> int:
-    """The fewest optimizer steps whose batches hold at least ``budget`` tokens (one process)."""
+def steps_for_budget(
+    lengths: list[int], batch_size: int, grad_accum: int, seed: int, budget: int, processes: int = 1
+) -> int:
+    """The fewest optimizer steps whose batches, over all ``processes``, hold at least ``budget`` tokens."""
     from peftflow.training.sampler import Sampler
 
-    sampler = Sampler(lengths, batch_size, seed)
+    samplers = [Sampler(lengths, batch_size, seed, rank, processes) for rank in range(processes)]
     tokens, step = 0, 0
     while tokens < budget:
         step += 1
-        tokens += sum(lengths[i] for rows in sampler.step_indices(step, grad_accum) for i in rows)
+        tokens += sum(lengths[i] for s in samplers for rows in s.step_indices(step, grad_accum) for i in rows)
     return step
 
 
@@ -107,11 +109,13 @@ def plan(
     for method in methods:
         params = project.params(method)
         for seed in seed_values:
-            steps = steps_for_budget(lengths, params.train.batch_size, params.train.grad_accum, seed, budget)
+            train, world = params.train, params.distributed.num_processes
+            steps = steps_for_budget(lengths, train.batch_size, train.grad_accum, seed, budget, world)
             if steps <= params.train.warmup_steps:
                 raise ParamsError(
                     f"compare.token_budget: {budget:,} tokens is {steps} steps of {method} (batch "
-                    f"{params.train.batch_size} x {params.train.grad_accum}), not more than train.warmup_steps "
+                    f"{train.batch_size} x {train.grad_accum}" + (f" x {world} processes" if world > 1 else "") + "), "
+                    f"not more than train.warmup_steps "
                     f"({params.train.warmup_steps}); raise the budget or lower the warmup"
                 )
             runs.append(Run(method=method, seed=seed, max_steps=steps,
