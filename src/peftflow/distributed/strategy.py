@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,32 +200,74 @@ def load_trainable_state(model, accelerator: Accelerator, state: dict[str, torch
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def optimizer_state(model, optimizer, accelerator: Accelerator, engine_dir: Path) -> dict | None:
-    """The optimizer's state, complete and keyed by parameter name, on the main process (a
-    collective). Under DeepSpeed, whose ZeRO optimizer keeps flat partitions, every process writes
-    its own into ``engine_dir`` with the engine's checkpoint instead (trainable weights only), and
-    this returns None."""
+SHARDS = "shards"  # inside a checkpoint: what each process wrote of its own (DeepSpeed, FSDP sharded)
+
+
+def writes_shards(accelerator: Accelerator, params) -> bool:
+    """Whether checkpoints are written by every process (DeepSpeed's partitioned optimizer, FSDP's
+    ``state_dict: sharded``) rather than gathered onto the main process."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import shutil
+        return True
+    return accelerator.distributed_type == DistributedType.FSDP and params.distributed.fsdp.state_dict == "sharded"
 
-        from peftflow.training.checkpoint import ENGINE
 
-        if accelerator.is_main_process:
-            shutil.rmtree(engine_dir, ignore_errors=True)
-            engine_dir.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        model.save_checkpoint(engine_dir, tag=ENGINE, save_latest=False, exclude_frozen_parameters=True)
-        accelerator.wait_for_everyone()
-        return None
+def training_state(model, optimizer, accelerator: Accelerator, params, shards: Path) -> dict | None:
+    """What resuming needs of the model and optimizer (a collective: every process calls it).
+    Gathered: ``{"trainable": ..., "optimizer": ...}``, complete and keyed by parameter name, on the
+    main process (``{}`` elsewhere). Sharded (:func:`writes_shards`): every process writes its part
+    into ``shards`` (the DeepSpeed engine's checkpoint, trained weights only; or
+    torch.distributed.checkpoint's) and this returns None."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, inner, options=options)
+    if not writes_shards(accelerator, params):
+        trainable = trainable_state(model, accelerator)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(model, inner, options=full)
+        return {"trainable": trainable, "optimizer": optim} if accelerator.is_main_process else {}
+    if accelerator.is_main_process:
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.save_checkpoint(shards, tag=SHARDS, save_latest=False, exclude_frozen_parameters=True)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(model, inner), checkpoint_id=shards)
+    accelerator.wait_for_everyone()
+    return None
 
 
-def load_optimizer_state(model, optimizer, state: dict) -> None:
+def _sharded_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def load_training_state(model, optimizer, accelerator: Accelerator, ckpt: Path) -> None:
+    """Restore what :func:`training_state` saved in checkpoint ``ckpt`` (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
+    if (ckpt / SHARDS).is_dir() and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(
+            ckpt / SHARDS, tag=SHARDS, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )  # fmt: skip
+    elif (ckpt / SHARDS).is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = _sharded_state(model, inner)
+        dcp.load(state, checkpoint_id=ckpt / SHARDS)
+        set_state_dict(
+            model, inner, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=False),
+        )  # fmt: skip
+    else:
+        load_trainable_state(model, accelerator, torch.load(ckpt / "trainable.pt", weights_only=True))
+        optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        set_optimizer_state_dict(model, inner, optim, options=StateDictOptions(full_state_dict=True))

@@ -22,8 +22,6 @@ import torch
 from peftflow.atomic import atomic_dir
 from peftflow.methods import Method
 
-ENGINE = "engine"  # the DeepSpeed engine's checkpoint folder (and tag) inside a checkpoint
-
 
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -55,33 +53,36 @@ def save(
     method: Method | None = None,
     method_model=None,
     accelerator=None,
+    params=None,
 ) -> Path:
     """Write checkpoint step-N atomically; prune all but the newest ``keep``. ``method_model``: the
     module the method's hooks act on, if not ``model`` (e.g. a reward model's backbone).
-    ``accelerator``: the run's; every process must call (``model``, ``optimizer``: the prepared ones)."""
+    ``accelerator``: the run's; every process must call (``model``, ``optimizer``: the prepared ones),
+    and ``params`` say how its strategy checkpoints."""
     final = ckpt_root / f"step-{step:07d}"
+    shards = final.with_name(f".{final.name}.shards")  # where every process writes its part, if it does
     if accelerator is None:
-        trainable, optim, rngs, main = _trainable_state(model), optimizer.state_dict(), [_rng_state()], True
+        payload, rngs, main = {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict()}, None, True
     else:
         from accelerate.utils import gather_object
 
         from peftflow.distributed import strategy
 
-        trainable = strategy.trainable_state(model, accelerator)
-        rngs = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
+        payload = strategy.training_state(model, optimizer, accelerator, params, shards)
+        rngs = gather_object([_rng_state()]) if accelerator.num_processes > 1 else None
         main = accelerator.is_main_process
         method_model = method_model if method_model is not None else accelerator.unwrap_model(model)
-        engine = final.with_name(f".{final.name}.engine")  # DeepSpeed: each process writes its partition
-        optim = strategy.optimizer_state(model, optimizer, accelerator, engine)
     if main:
         with atomic_dir(final) as tmp:
-            torch.save(trainable, tmp / "trainable.pt")
-            if optim is None:
-                shutil.move(engine, tmp / ENGINE)
+            if payload is None:
+                from peftflow.distributed.strategy import SHARDS
+
+                shutil.move(shards, tmp / SHARDS)
             else:
-                torch.save(optim, tmp / "optimizer.pt")
+                torch.save(payload["trainable"], tmp / "trainable.pt")
+                torch.save(payload["optimizer"], tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rngs, tmp / "rng.pt")  # one per process, by rank
+            torch.save(rngs or [_rng_state()], tmp / "rng.pt")  # one per process, by rank
             extra = method.state(method_model if method_model is not None else model) if method else None
             if extra is not None:
                 torch.save(extra, tmp / "method_state.pt")
@@ -119,27 +120,25 @@ def load(
             f"{ckpt}: this checkpoint was made with other params ({', '.join(changed[:5])} changed); "
             f"resume with the same params, or start over with --no-resume"
         )
-    weights = torch.load(ckpt / "trainable.pt", weights_only=True)
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    named = dict(unwrapped.named_parameters())
-    missing = [n for n, p in named.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise ValueError(f"{ckpt}: checkpoint lacks trained tensors {missing[:3]}...; was it made by another method?")
+    if (ckpt / "trainable.pt").is_file():
+        weights = torch.load(ckpt / "trainable.pt", weights_only=True)
+        trained = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+        missing = [n for n in trained if n not in weights]
+        if missing:
+            raise ValueError(
+                f"{ckpt}: checkpoint lacks trained tensors {missing[:3]}...; was it made by another method?"
+            )
     if accelerator is None:
+        named = dict(unwrapped.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():
                 named[name].copy_(tensor)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    elif (ckpt / ENGINE).is_dir():  # a DeepSpeed engine's own checkpoint: weights and partitioned optimizer
-        model.load_checkpoint(
-            ckpt / ENGINE, tag=ENGINE, load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )  # fmt: skip
     else:
         from peftflow.distributed import strategy
 
-        strategy.load_trainable_state(model, accelerator, weights)
-        strategy.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+        strategy.load_training_state(model, optimizer, accelerator, ckpt)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rngs = torch.load(ckpt / "rng.pt", weights_only=False)
     rank = accelerator.process_index if accelerator is not None else 0

@@ -199,7 +199,7 @@ def _train(
         if cfg.save_every and (step % cfg.save_every == 0 or step == last) and step < cfg.max_steps:
             checkpoint.save(
                 ckpt_root, step, model, optimizer, scheduler, state, cfg.keep_checkpoints, method,
-                accelerator=accelerator,
+                accelerator=accelerator, params=params,
             )  # fmt: skip
     bar.close()
 
