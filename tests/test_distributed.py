@@ -184,3 +184,26 @@ def test_an_accelerate_config_file_sets_the_strategy(tiny_model_dir, tiny_data_f
     config.write_text("distributed_type: MEGATRON_LM\n")
     with pytest.raises(ParamsError, match=r"distributed_type: 'MEGATRON_LM' is not supported"):
         load_params("lora", PARAMS_DIR, [*base, f"distributed.accelerate_config={config}"])
+
+
+def test_the_train_command_launches_its_processes(tiny_params, tiny_model_dir, tiny_data_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from peftflow.cli import app
+    from tests.conftest import tiny_overrides
+
+    tiny_params("lora")  # prepares the data
+    sets = [
+        a for o in (*tiny_overrides(tiny_model_dir, tiny_data_file, tmp_path), "train.max_steps=2") for a in ("-s", o)
+    ]
+    common = ["train", "--method", "lora", "--params-dir", str(PARAMS_DIR), *sets]
+    result = CliRunner().invoke(app, [*common, "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    assert "lora on 2 processes (ddp): 2 steps" in result.output
+    summary = json.loads((tmp_path / "runs" / "lora" / "train_summary.json").read_text())
+    assert (summary["num_processes"], summary["strategy"]) == (2, "ddp")
+
+    result = CliRunner().invoke(app, [*common, "-m", "adalora", "-s", "distributed.strategy=fsdp", "--nproc", "2"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "method adalora with distributed.strategy fsdp" in lines[0]

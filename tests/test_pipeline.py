@@ -375,3 +375,30 @@ def test_experiment_command_line_prints_the_results(project, harness):
     assert "lora (run " in out and "test_accuracy" in out
     bad = CliRunner().invoke(app, ["experiment", "-m", "nope", "--root", str(project)])
     assert bad.exit_code == 2 and "no params file for method 'nope'" in bad.output
+
+
+def test_the_flows_train_a_method_on_two_processes(project, harness):
+    from flows.pipeline import compare, experiment
+
+    two = ["distributed.strategy=ddp", "distributed.num_processes=2", "train.eval_every=0"]
+    client = _client(project)
+    known = client.get_experiment_by_name("peftflow")
+    before = len(client.search_runs([known.experiment_id])) if known else 0
+    result = experiment(methods=["lora"], project=Project(root=project, overrides=[*two, "train.max_steps=2"]))[0]
+    experiment_id = client.get_experiment_by_name("peftflow").experiment_id
+    assert len(client.search_runs([experiment_id])) == before + 1  # one training, one MLflow run
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["distributed.num_processes"] == "2"
+    assert "test_accuracy" in run.data.metrics and result["version"]
+    with tracking.downloaded(client, result["run_id"]) as run_dir:
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert (summary["num_processes"], summary["steps"]) == (2, 2)
+
+    budget = 4000  # tokens over both processes
+    report = compare(["lora"], seeds=1, token_budget=budget, project=Project(root=project, overrides=two))
+    (child,) = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{report['parent_run_id']}'"
+    )
+    tokens, steps = child.data.metrics["train_tokens"], child.data.metrics["steps"]
+    assert budget <= tokens < budget * (1 + 1.5 / steps), (tokens, steps)  # every process's tokens count
+    assert child.info.status == "FINISHED" and child.data.params["distributed.num_processes"] == "2"
