@@ -7,13 +7,14 @@ it, and none of them has to import another's command module (which made import c
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+
+from peftflow.chatter import quiet_libraries
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,15 +30,6 @@ def setup_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
     )
     quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Silence library chatter that says nothing to a user."""
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # bitsandbytes warns at import that an optional CPU kernel package is absent; its own fallback works
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def fail(message: str) -> NoReturn:

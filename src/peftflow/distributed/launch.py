@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from peftflow.chatter import quiet_workers
 from peftflow.distributed.params import DistributedParams
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ def worker_env(dist: DistributedParams) -> dict[str, str]:
 def _entry(env: dict[str, str], fn: Callable[..., Any], args: tuple) -> Any:
     """What a worker runs: its environment first, then ``fn(*args)`` (a module-level function)."""
     os.environ.update(env)
+    quiet_workers()
+    if int(os.environ.get("RANK", "0")) > 0:  # progress bars (loading weights...) from the main process only
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if "OMP_NUM_THREADS" in env:
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     return fn(*args)

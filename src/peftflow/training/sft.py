@@ -195,7 +195,8 @@ def _train(
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             evaluate_now(step)
             model.train()
-            bar.write(f"step {step}: train loss {result.loss:.4f}, val loss {state['evals'][-1]['val_loss']:.4f}")
+            if main:
+                bar.write(f"step {step}: train loss {result.loss:.4f}, val loss {state['evals'][-1]['val_loss']:.4f}")
         if cfg.save_every and (step % cfg.save_every == 0 or step == last) and step < cfg.max_steps:
             checkpoint.save(
                 ckpt_root, step, model, optimizer, scheduler, state, cfg.keep_checkpoints, method,
