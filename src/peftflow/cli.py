@@ -8,6 +8,7 @@ Prefect-backed commands (``compare``, ``serve``, ...) to these, so the core neve
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -97,6 +98,8 @@ def train(
 
     params = _params(method, params_dir, [*(overrides or []), *_nproc_overrides(nproc, method, params_dir, overrides)])
     summary = run_or_exit(train_core, params, resume=resume)
+    if int(os.environ.get("RANK", "0")) > 0:  # one of several processes torchrun started: rank 0 reports
+        return
     on = f" on {summary.num_processes} processes ({summary.strategy})" if summary.num_processes > 1 else ""
     console.print(
         f"[green]{method}{on}: {summary.steps} steps, loss {summary.first_train_loss:.4f} -> "

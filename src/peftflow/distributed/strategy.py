@@ -138,6 +138,17 @@ def _check_world(accelerator: Accelerator, dist: DistributedParams) -> None:
         )
 
 
+def strategy_of(accelerator: Accelerator) -> str:
+    """The strategy this process trains under, as ``distributed.strategy`` names it (also under
+    torchrun or accelerate launch, whose environment decides)."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "none"
+
+
 def sharded(accelerator: Accelerator) -> bool:
     """Whether parameters are split across processes (FSDP, DeepSpeed ZeRO-3)."""
     if accelerator.distributed_type == DistributedType.FSDP:

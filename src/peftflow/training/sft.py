@@ -225,7 +225,7 @@ def _train(
         device=str(accelerator.device),
         mixed_precision=accelerator.mixed_precision,
         num_processes=accelerator.num_processes,
-        strategy=params.distributed.strategy,
+        strategy=strategy.strategy_of(accelerator),
     )
     if summary.finished:
         out = save_artifact(model, accelerator, params, run_dir / "model")
