@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -132,8 +133,14 @@ def _portable_4bit(model: PreTrainedModel) -> None:
 
 
 def load_base_for(params: Params) -> PreTrainedModel:
-    """The base model as the run's method needs it (e.g. quantized, for a method that says so)."""
-    return load_base_model(params.model, **get_method(params.method.name).load_kwargs(params.method))
+    """The base model as the run's method needs it (e.g. quantized, for a method that says so). A
+    quantized base is loaded straight onto this process's GPU (bitsandbytes quantizes on the
+    device), so each of a run's processes holds its own copy on its own GPU, not all on GPU 0."""
+    method = get_method(params.method.name)
+    kwargs = method.load_kwargs(params.method)
+    if method.quantizes_base and torch.cuda.is_available():
+        kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
+    return load_base_model(params.model, **kwargs)
 
 
 def base_model_id(params: ModelParams) -> str:
