@@ -13,7 +13,8 @@ throughput/memory figures (CPU: gloo processes sharing the cores; CUDA: one GPU 
 
 Environment: SIZE (tiny | smol135m), STRATEGIES (comma list of ddp, fsdp, fsdp-sharded, zero2, zero3),
 NPROC (default 2), BATCH (per process, default 4), ACCUM (default 2), STEPS (default 6), LR (default 5e-3),
-METHOD (default lora, dropout off: each process draws its own dropout masks).
+METHOD (default lora, dropout off: each process draws its own dropout masks), SET (more params
+overrides, space-separated, e.g. ``SET="train.max_grad_norm=null"``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> None:
         f"train.output_dir={tmp / 'runs'}", f"train.max_steps={steps}", f"train.grad_accum={accum}",
         f"train.lr={lr}", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=2",
         *(["method.dropout=0.0"] if method in ("lora", "dora", "qlora", "adalora") else []),
+        *env.get("SET", "").split(),
     ]  # fmt: skip
 
     def params(*extra: str):
