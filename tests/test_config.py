@@ -44,7 +44,9 @@ def test_bad_value_names_the_override(params_dir):
 
 def test_unknown_top_level_key_in_base(params_dir):
     (params_dir / "base.yaml").write_text((params_dir / "base.yaml").read_text() + "trian:\n  lr: 1.0\n")
-    with pytest.raises(ParamsError, match=r"base.yaml: trian: unknown key; expected one of: compare, data, distributed, eval"):
+    with pytest.raises(
+        ParamsError, match=r"base.yaml: trian: unknown key; expected one of: compare, data, distributed, eval"
+    ):
         load_params("lora", params_dir)
 
 

@@ -1,7 +1,7 @@
 """One run on two processes (gloo on CPU, launched by peftflow itself) trains what one process does.
 
 Every strategy is checked against one process with the same global batch: 2 processes x batch 4 vs
-1 x batch 8, gradient accumulation 2, no dropout (each process draws its own masks). The two-process
+1 x batch 8, gradient accumulation 2, no dropout (each process draws its own masks, seeded by rank). The two-process
 run is interrupted after a checkpoint and resumed, so one run checks the loss trajectory, the saved
 artifact and exact resume at once.
 """
@@ -26,7 +26,7 @@ from peftflow.training.sampler import Sampler
 from peftflow.training.sft import train
 from tests.conftest import PARAMS_DIR
 
-ZERO3 = PARAMS_DIR / "deepspeed" / "zero3.json"
+ZERO2, ZERO3 = PARAMS_DIR / "deepspeed" / "zero2.json", PARAMS_DIR / "deepspeed" / "zero3.json"
 COMMON = ("train.max_steps=6", "train.grad_accum=2", "train.lr=5.0e-3", "train.eval_every=3")
 NO_DROPOUT = {"lora": ("method.dropout=0.0",), "prompt": ()}
 CASES = {  # id: (method, strategy overrides)
@@ -36,6 +36,10 @@ CASES = {  # id: (method, strategy overrides)
     "fsdp2-lora": ("lora", ("distributed.strategy=fsdp",)),
     # each process checkpoints its own shard (torch.distributed.checkpoint), nothing gathered
     "fsdp2-sharded-lora": ("lora", ("distributed.strategy=fsdp", "distributed.fsdp.state_dict=sharded")),
+    "zero2-lora": (
+        "lora",
+        ("distributed.strategy=deepspeed", f"distributed.deepspeed={ZERO3.with_name('zero2.json')}"),
+    ),
     # ZeRO-3 reduce-scatters every micro-batch's gradients (summed in another order than DDP's):
     # at lr 5e-3 Adam amplifies that float noise in near-zero gradients to 2.9e-5 in the adapter
     # (the losses still agree to 1e-5), so it is held to 1e-5 at the shipped LoRA lr, 5e-4

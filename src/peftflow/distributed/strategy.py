@@ -37,9 +37,10 @@ def check_method(method, params) -> None:
         raise ValueError(f"method {method.name} with distributed.strategy {strategy}: {why}")
 
 
-def deepspeed_config(params) -> dict[str, Any]:
-    """The run's DeepSpeed JSON with its "auto" values filled from ``train.*``."""
-    path = Path(params.distributed.deepspeed)
+def deepspeed_config(params, path: Path | str | None = None) -> dict[str, Any]:
+    """The run's DeepSpeed JSON (``path``, default ``distributed.deepspeed``) with its "auto" values
+    filled from ``train.*``."""
+    path = Path(path or params.distributed.deepspeed)
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -104,11 +105,12 @@ def make_accelerator(params, grad_accum: int, layer_classes: list[str] | None = 
         step_scheduler_with_optimizer=False,
         gradient_accumulation_steps=grad_accum,
     )
-    external = launched_externally()  # torchrun / accelerate launch: its environment decides
-    if dist.strategy == "deepspeed" and not external:
+    external = _set_up_by_accelerate_launch()  # its FSDP / DeepSpeed settings apply, not the params'
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if external else None
+    if (dist.strategy == "deepspeed" and not external) or ds_file:
         from accelerate.utils import DeepSpeedPlugin
 
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(params))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(params, ds_file))
         if cpu:  # accelerate would pick no backend for DeepSpeed without a GPU
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     elif dist.strategy == "fsdp" and not external:
@@ -123,6 +125,13 @@ def make_accelerator(params, grad_accum: int, layer_classes: list[str] | None = 
         accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
     _check_world(accelerator, dist)
     return accelerator
+
+
+def _set_up_by_accelerate_launch() -> bool:
+    """Whether ``accelerate launch`` started this process with FSDP or DeepSpeed from its own
+    config (under ``torchrun``, which sets neither, the params' strategy applies)."""
+    flags = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    return launched_externally() and any(os.environ.get(k, "").lower() == "true" for k in flags)
 
 
 def _check_world(accelerator: Accelerator, dist: DistributedParams) -> None:
@@ -182,9 +191,12 @@ def trainable_state(model, accelerator: Accelerator) -> dict[str, torch.Tensor]:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         import deepspeed
 
-        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            state = {n: p.detach().cpu().clone() for n, p in named} if accelerator.is_main_process else {}
+        state = {}
+        for name, param in accelerator.unwrap_model(model).named_parameters():
+            if param.requires_grad:  # one at a time: no process ever holds every gathered tensor at once
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if accelerator.is_main_process:
+                        state[name] = param.detach().cpu().clone()
         return state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -130,6 +130,10 @@ def load(
                 f"{ckpt}: checkpoint lacks trained tensors {missing[:3]}...; was it made by another method?"
             )
     if accelerator is None:
+        if not (ckpt / "trainable.pt").is_file():
+            raise ValueError(
+                f"{ckpt}: a sharded checkpoint (written by several processes); resume it with its strategy"
+            )
         named = dict(unwrapped.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():

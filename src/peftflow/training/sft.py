@@ -116,6 +116,8 @@ def _train(
     trainable, total = count_parameters(model)
     accelerator = strategy.make_accelerator(params, cfg.grad_accum, getattr(model, "_no_split_modules", None))
     main = accelerator.is_main_process
+    if accelerator.num_processes > 1:  # the same weights everywhere (built above), each its own dropout masks
+        set_seed(params.seed + accelerator.process_index)
     if main and not resume:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     accelerator.wait_for_everyone()
