@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType
 
 from peftflow.distributed.launch import WORKER_ENV, launched_externally
 from peftflow.distributed.params import DistributedParams
+from peftflow.training.optim import mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def deepspeed_config(params, path: Path | str | None = None) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"distributed.deepspeed: {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     cfg, world = params.train, params.distributed.num_processes
-    precision = mixed_precision_of(cfg.mixed_precision)
+    precision = mixed_precision(cfg.mixed_precision)
     auto = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -70,12 +71,6 @@ def deepspeed_config(params, path: Path | str | None = None) -> dict[str, Any]:
         if value == "auto":  # the bucket sizes accelerate would derive from the model: DeepSpeed's defaults
             del zero[key]
     return config
-
-
-def mixed_precision_of(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _fsdp_plugin(dist: DistributedParams, layer_classes: list[str]):
@@ -100,7 +95,7 @@ def make_accelerator(params, grad_accum: int, layer_classes: list[str] | None = 
     dist, cfg = params.distributed, params.train
     cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        mixed_precision=mixed_precision_of(cfg.mixed_precision),
+        mixed_precision=mixed_precision(cfg.mixed_precision),
         # max_steps counts global steps: the schedule steps once per optimizer step, not per process
         step_scheduler_with_optimizer=False,
         gradient_accumulation_steps=grad_accum,
