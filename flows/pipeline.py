@@ -8,8 +8,12 @@ from typing import Literal
 from prefect import flow
 
 from peftflow import compare as compare_core
+from peftflow.cluster import jobs as jobs_core
+from peftflow.cluster.jobs import Job, JobResult
+from peftflow.cluster.params import RunnerParams
 from peftflow.methods import method_names
 from peftflow.pipeline import DataVersion, Project
+from tasks import cluster
 from tasks import pipeline as steps
 
 HERE = Project()  # the project in the working directory, with its params/
@@ -54,23 +58,56 @@ def promote(version: str, project: Project = HERE, data_version: DataVersion | N
     return steps.promote(project, version, data_version)
 
 
-def _each_method(methods: list[Method], data: DataVersion, project: Project) -> list[dict]:
-    """finetune -> evaluate -> register -> promote, per method, in order."""
-    results = []
-    for method in methods:
-        run_id = finetune(method, data, project)
-        metrics = evaluate(run_id, project, data)
-        version = register(run_id, project)
-        decision = promote(version, project, data)  # this flow's version, wherever `candidate` points now
-        results.append({"method": method, "run_id": run_id, "version": version, "metrics": metrics, **decision})
+@flow(name="runs")
+def runs(jobs: list[Job], runner: RunnerParams) -> list[JobResult]:
+    """Each job (one method trained and scored) in a process of its own, on this flow's task
+    runner (the ``runner:`` params); the results in the jobs' order, failed ones with their error."""
+    results: list[JobResult | None] = [None] * len(jobs)
+    for i, result in cluster.submit_all(jobs, runner):
+        results[i] = result
     return results
+
+
+def on_runner(project: Project, jobs: list[Job]) -> list[JobResult]:
+    """The ``runs`` subflow on the task runner the project's ``runner:`` params name."""
+    runner = project.params(None).runner
+    return runs.with_options(task_runner=cluster.task_runner(runner, str(project.root)))(jobs, runner)
+
+
+def _job(project: Project, method: str, data: DataVersion, name: str, tags: dict[str, str] | None = None) -> Job:
+    runner = project.params(None).runner
+    project = project.at(project.root.resolve())  # the same folder from a worker's working directory
+    return Job(project=project, method=method, data_version=data, tags={**steps.prefect_tags(), **(tags or {})},
+               threads=cluster.threads(runner), name=name)  # fmt: skip
+
+
+def _each_method(methods: list[Method], data: DataVersion, project: Project) -> tuple[list[dict], list[JobResult]]:
+    """finetune -> evaluate for every method on the runner (at once, where it runs several), then
+    register -> promote for each in order; the results, and the runs that failed (left out: the
+    flow fails naming them once the others are registered and published)."""
+    trained = on_runner(project, [_job(project, m, data, m) for m in methods])
+    results = []
+    for method, run in zip(methods, trained, strict=True):
+        if run.error:
+            continue
+        version = register(run.run_id, project)
+        decision = promote(version, project, data)  # this flow's version, wherever `candidate` points now
+        results.append({"method": method, "run_id": run.run_id, "version": version, "metrics": run.metrics,
+                        **decision})  # fmt: skip
+    return results, [r for r in trained if r.error]
+
+
+def _fail_if(failed: list[JobResult], total: int) -> None:
+    if failed:
+        raise jobs_core.RunsFailed(failed, total)
 
 
 @flow(name="experiment")
 def experiment(
     methods: list[Method] = DEFAULT_METHODS, project: Project = HERE, data_version: str | None = None
 ) -> list[dict]:
-    """prepare_data -> (finetune -> evaluate -> register -> promote) for each method, in order.
+    """prepare_data -> finetune -> evaluate for each method, each run in a process of its own on the
+    runner (params: runner.*; at once on Ray), then register -> promote for each, in order.
 
     Args:
         methods: PEFT methods to train, in order (names of params/methods/*.yaml)
@@ -78,12 +115,14 @@ def experiment(
         data_version: a DVC hash (dvc.data_md5 of a run) or data version to train on; empty: the workspace's data
     """
     project = project.frozen()
+    steps.check_runner(project)
     data = prepare_data(project, data_version)
     before = steps.champion(project)
-    results = _each_method(methods, data, project)
+    results, failed = _each_method(methods, data, project)
     steps.publish(
         project, "experiment", f"trained {', '.join(methods)}", data, results, before, steps.champion(project)
     )
+    _fail_if(failed, len(methods))
     return results
 
 
@@ -109,19 +148,20 @@ def compare(
         prepare: run `dvc repro` first (off inside a DVC stage, which has its data already)
     """
     project = project.frozen()
+    steps.check_runner(project)
     data = prepare_data(project, data_version) if prepare else steps.workspace_data(project)
     plan = steps.compare_plan(project, data, methods, seeds, token_budget)
     parent = steps.compare_start(project, plan, data)
-    records = []
     try:
-        for run in plan.runs:
-            run_id, metrics, error = None, None, None
-            try:
-                run_id = finetune_run(run, data, project, parent)
-                metrics = steps.evaluate(project, run_id, data)
-            except Exception as e:  # the others still run; the report names it, the flow fails at the end
-                error = e
-            records.append(compare_core.record(run, run_id, metrics, error))
+        jobs = [
+            _job(compare_core.run_project(project, run), run.method, data, f"{run.method}-seed{run.seed}",
+                 compare_core.child_tags(parent, run))
+            for run in plan.runs
+        ]  # fmt: skip
+        results = on_runner(project, jobs)
+        records = [
+            compare_core.record(run, r.run_id, r.metrics, r.error) for run, r in zip(plan.runs, results, strict=True)
+        ]
         report = steps.compare_finish(project, plan, data, records, parent)
     except BaseException:
         steps.compare_abort(project, parent)
@@ -130,13 +170,6 @@ def compare(
     if report["failed"]:
         raise compare_core.ComparisonFailed(report["failed"])
     return report
-
-
-def finetune_run(run: compare_core.Run, data: DataVersion, project: Project, parent: str) -> str:
-    """One comparison run: its seed and step budget on top of the project's overrides, a child of ``parent``."""
-    return steps.finetune.with_options(task_run_name=f"finetune-{run.method}-seed{run.seed}")(
-        compare_core.run_project(project, run), run.method, data, compare_core.child_tags(parent, run)
-    )
 
 
 @flow(name="nightly-retrain")
@@ -149,15 +182,18 @@ def nightly_retrain(methods: list[Method] | None = None, project: Project = HERE
         project: the project folder, its params folder and KEY.PATH=VALUE overrides
     """
     project = project.frozen()
+    steps.check_runner(project)
     data = prepare_data(project)
     check = steps.nightly_check(project, methods, data)
     before = steps.champion(project)
     if check.skip:
         steps.publish(project, "nightly-retrain", check.reason, data, [], before, before)
         return {"trained": False, "reason": check.reason, "results": []}
-    results = _each_method(check.methods, data, project)
-    steps.nightly_mark(project, [r["run_id"] for r in results], check)
+    results, failed = _each_method(check.methods, data, project)
+    if not failed:  # only a nightly run that trained everything counts as the last one that finished
+        steps.nightly_mark(project, [r["run_id"] for r in results], check)
     steps.publish(project, "nightly-retrain", check.reason, data, results, before, steps.champion(project))
+    _fail_if(failed, len(check.methods))
     return {"trained": True, "reason": check.reason, "results": results}
 
 

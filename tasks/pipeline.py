@@ -14,7 +14,14 @@ from prefect.settings import PREFECT_UI_URL
 
 from peftflow import compare, nightly, pipeline, registry, report, tracking
 from peftflow import reproduce as reproduce_core
+from peftflow.cluster import jobs
 from peftflow.pipeline import DataVersion, Project
+
+
+@task(name="check-runner", cache_policy=NO_CACHE)
+def check_runner(project: Project, sweep_storage: str | None = None) -> None:
+    """A remote cluster whose workers could not reach the stores stops the flow here, in one line."""
+    jobs.check_runner(project, sweep_storage)
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)  # dvc repro is idempotent
@@ -27,7 +34,7 @@ def prepare_data(project: Project, version: str | None = None) -> DataVersion:
 
 @task(name="finetune", cache_policy=NO_CACHE, task_run_name="finetune-{method}")
 def finetune(project: Project, method: str, data_version: DataVersion, tags: dict[str, str] | None = None) -> str:
-    run_id = pipeline.finetune(project, method, data_version, {**_prefect_tags(), **(tags or {})})
+    run_id = pipeline.finetune(project, method, data_version, {**prefect_tags(), **(tags or {})})
     get_run_logger().info("%s trained: MLflow run %s", method, run_id)
     return run_id
 
@@ -61,7 +68,7 @@ def reproduce(project: Project, run_id: str, allow_code_change: bool = False) ->
     return {k: result[k] for k in ("original", "run_id", "drift")}
 
 
-def _prefect_tags() -> dict[str, str]:
+def prefect_tags() -> dict[str, str]:
     """The flow run a user started (the root of this run's tree), for the MLflow run: its id and UI page."""
     root = flow_run.root_flow_run_id
     if not root:
@@ -131,7 +138,7 @@ def compare_plan(
 
 @task(name="compare-start", cache_policy=NO_CACHE)
 def compare_start(project: Project, plan: compare.Plan, data_version: DataVersion) -> str:
-    run_id = compare.start(project, plan, data_version, _prefect_tags())
+    run_id = compare.start(project, plan, data_version, prefect_tags())
     get_run_logger().info("comparison: MLflow parent run %s", run_id)
     return run_id
 

@@ -152,7 +152,9 @@ def child_tags(parent_run_id: str, run: Run) -> dict[str, str]:
     return {"mlflow.parentRunId": parent_run_id, PARENT_TAG: parent_run_id, "peftflow.compare.seed": str(run.seed)}
 
 
-def record(run: Run, run_id: str | None, metrics: dict[str, float] | None, error: BaseException | None = None) -> dict:
+def record(
+    run: Run, run_id: str | None, metrics: dict[str, float] | None, error: BaseException | str | None = None
+) -> dict:
     """One run's entry for the leaderboard; ``error`` as one line."""
     message = None if error is None else (" ".join(str(error).split()) or type(error).__name__)[:300]
     return {"method": run.method, "seed": run.seed, "run_id": run_id, "metrics": metrics or {}, "error": message}

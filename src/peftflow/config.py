@@ -15,11 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from peftflow.cluster.params import RunnerParams
 from peftflow.distributed.params import DistributedParams
 from peftflow.methods import DEFAULT as DEFAULT_METHOD
 from peftflow.methods import MethodParams, get_method, method_names
 from peftflow.rlhf.params import RlhfParams
 from peftflow.schema import FIGURES, Strict, affects, fingerprint, flatten, operational
+from peftflow.sweep import SweepParams
 
 __all__ = ["Params", "ParamsError", "fingerprint", "flatten", "load_params", "merge_files", "read_resolved"]
 
@@ -178,6 +180,8 @@ class Params(Strict):
     promote: PromoteParams = operational(PromoteParams())
     nightly: NightlyParams = operational(NightlyParams())
     compare: CompareParams = operational(CompareParams())
+    runner: RunnerParams = operational(RunnerParams())  # where the runs of compare, experiment and sweep execute
+    sweep: SweepParams = operational(SweepParams())
     # None only for stages that use no method (data preparation)
     method: SerializeAsAny[MethodParams] | None = None
     rlhf: RlhfParams | None = None  # the RLHF chain's stages only (params/rlhf/)

@@ -144,28 +144,46 @@ def _accuracy(scores: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> di
     return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(gold)}
 
 
+def first_token_labels(
+    tokenizer, params: Params, encoded: list[Encoded], examples: list[dict], labels: list[str] | None
+) -> list[int] | None:
+    """Each label's one token, when the labels are distinct single tokens that start every
+    completion: then one pass gives the loss and the label scores. Else None."""
+    if not labels:
+        return None
+    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels]
+    if not (all(len(ids) == 1 for ids in label_ids) and len({i[0] for i in label_ids}) == len(labels)):
+        return None
+    gold = [labels.index(ex["completion"]) for ex in examples]
+    if not all(e.completion[:1] == label_ids[g] for e, g in zip(encoded, gold, strict=True)):
+        return None
+    return [ids[0] for ids in label_ids]
+
+
+def validation(
+    model, tokenizer, params: Params, encoded: list[Encoded], examples: list[dict], labels: list[str] | None,
+    batch_size: int, device, virtual: int = 0,
+) -> dict[str, float]:  # fmt: skip
+    """Training's periodic validation: ``val_loss``, and ``val_accuracy`` from the same pass when the
+    labels are single tokens (:func:`first_token_labels`; other answers: the loss only)."""
+    first = first_token_labels(tokenizer, params, encoded, examples, labels)
+    loss, scores = heldout_pass(model, encoded, tokenizer.pad_token_id, batch_size, device, first, virtual)
+    out = {"val_loss": loss}
+    if scores is not None:
+        gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
+        out["val_accuracy"] = float((scores.argmax(-1) == gold).float().mean())
+    return out
+
+
 def score(
     model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0
 ) -> dict[str, Any]:
     """Test loss and perplexity, and label accuracy when the answers form a closed set. ``virtual``:
     soft tokens the model puts before the input (0 for a base model, or an adapter switched off)."""
     encoded = [encode(tokenizer, ex, params.data) for ex in examples]
-    label_ids = [encode_answer(tokenizer, label, params.data, eos=False) for label in labels or []]
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
-    # Single-token labels that start each completion: one pass gives the loss and the label scores.
-    one_pass = (
-        bool(labels) and all(len(ids) == 1 for ids in label_ids) and len({i[0] for i in label_ids}) == len(labels)
-    )
-    one_pass = one_pass and all(e.completion[:1] == label_ids[g] for e, g in zip(encoded, gold.tolist(), strict=True))
-    loss, scores = heldout_pass(
-        model,
-        encoded,
-        tokenizer.pad_token_id,
-        params.eval.batch_size,
-        device,
-        [ids[0] for ids in label_ids] if one_pass else None,
-        virtual,
-    )
+    first = first_token_labels(tokenizer, params, encoded, examples, labels)
+    loss, scores = heldout_pass(model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual)
     out: dict[str, Any] = {"test_loss": loss, "test_perplexity": math.exp(min(loss, 50))}
     if labels:
         if scores is None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from peftflow import data, registry, runs, tracking, versioning
 from peftflow.config import Params, ParamsError, load_params, parse_override, snapshot, without_method
 from peftflow.promote import Decision
+from peftflow.training.sft import Callback
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,15 @@ class Project(BaseModel):
         if self.files is not None:
             return self
         return self.model_copy(update={"files": snapshot(self.root / self.params_dir)})
+
+    def at(self, root: Path) -> Project:
+        """This project in another folder (a worker's copy of it), its params snapshot too."""
+        root = Path(root)
+        files = self.files
+        if files is not None:
+            old, new = str(self.root / self.params_dir), str(root / self.params_dir)
+            files = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in files.items()}
+        return self.model_copy(update={"root": root, "files": files})
 
     def params(self, method: str | None) -> Params:
         """Resolved params; for steps without a method, method.* overrides do not apply. A frozen
@@ -146,8 +156,15 @@ def with_data(params: Params, data_version: DataVersion | None) -> Params:
     return params
 
 
-def finetune(project: Project, method: str, data_version: DataVersion, tags: dict[str, str] | None = None) -> str:
-    """Train one method on ``data_version`` in a new MLflow run (with extra ``tags``); the run id."""
+def finetune(
+    project: Project,
+    method: str,
+    data_version: DataVersion,
+    tags: dict[str, str] | None = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> str:
+    """Train one method on ``data_version`` in a new MLflow run (with extra ``tags``, and ``callbacks``
+    that see every logged metric too); the run id."""
     check_overrides(project.overrides)
     params = with_data(project.params(method), data_version)
     found = data.read_manifest(params.rebased(project.root).data.out_dir)["version"]
@@ -156,7 +173,7 @@ def finetune(project: Project, method: str, data_version: DataVersion, tags: dic
             f"{params.data.out_dir}: holds data version {found}, expected {data_version.version}; "
             f"prepare the data again (dvc repro prepare)"
         )
-    return runs.train_tracked(params, project.root, data_version.dvc_md5, tags)
+    return runs.train_tracked(params, project.root, data_version.dvc_md5, tags, callbacks)
 
 
 def evaluate(project: Project, run_id: str, data_version: DataVersion | None = None) -> dict[str, float]:

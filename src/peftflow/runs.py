@@ -14,12 +14,18 @@ from peftflow import data, tracking
 from peftflow.config import Params
 from peftflow.evaluate import score_artifact
 from peftflow.results import TRAIN_METRICS, EvalResult
-from peftflow.training.sft import train
+from peftflow.training.sft import Callback, train
 
 log = logging.getLogger(__name__)
 
 
-def train_tracked(params: Params, root: Path, data_md5: str | None, tags: dict[str, str] | None = None) -> str:
+def train_tracked(
+    params: Params,
+    root: Path,
+    data_md5: str | None,
+    tags: dict[str, str] | None = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> str:
     """Train ``params.method`` in a new MLflow run; its id. ``params`` paths are relative to ``root``."""
     root = Path(root)
     local = params.rebased(root)
@@ -28,7 +34,7 @@ def train_tracked(params: Params, root: Path, data_md5: str | None, tags: dict[s
     with tracking.tracked_run(params, root, params.method.name, run_tags) as run:
         local.train.run_name = run.run_id  # the run folder is named after the MLflow run
         tracking.log_datasets(run.client, run.run_id, params, manifest, data_md5)
-        summary = train(local, resume=False, callbacks=(run.metrics_logger(),))
+        summary = train(local, resume=False, callbacks=(run.metrics_logger(), *callbacks))
         run.log_metrics(summary.final_metrics(), summary.steps)
         run.log_artifact(local.run_dir / "train_summary.json")
         run.log_artifacts(local.run_dir / "model", "model")

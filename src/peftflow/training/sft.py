@@ -29,7 +29,7 @@ from transformers import set_seed
 from peftflow import artifacts, data
 from peftflow.config import Params, fingerprint, save_params
 from peftflow.distributed import launch, strategy
-from peftflow.evaluate import heldout_loss
+from peftflow.evaluate import validation
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
 from peftflow.results import TrainSummary
@@ -126,8 +126,8 @@ def _train(
     tokenizer = load_tokenizer(params.model)
     manifest = data.read_manifest(params.data.out_dir)
     train_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "train")]
-    val_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "val")]
-    val_set = val_set[: cfg.eval_examples]
+    val_rows = data.read_split(params.data.out_dir, "val")[: cfg.eval_examples]
+    val_set = [encode(tokenizer, ex, params.data) for ex in val_rows]
     sampler = Sampler(
         [len(e) for e in train_set], cfg.batch_size, params.seed, accelerator.process_index, accelerator.num_processes
     )
@@ -160,9 +160,12 @@ def _train(
 
     def evaluate_now(step: int) -> None:
         # every process runs the whole validation set (sharded weights are gathered collectively)
-        loss = heldout_loss(model, val_set, tokenizer.pad_token_id, cfg.batch_size, accelerator.device, virtual)
-        state["evals"].append({"step": step, "val_loss": loss})
-        report({"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}, step)
+        found = validation(
+            model, tokenizer, params, val_set, val_rows, manifest.get("labels"), cfg.batch_size, accelerator.device,
+            virtual,
+        )  # fmt: skip
+        state["evals"].append({"step": step, **found})
+        report({**found, "val_ppl": math.exp(min(found["val_loss"], 50))}, step)
 
     # the loop
     last = min(cfg.max_steps, stop_after or cfg.max_steps)

@@ -1,0 +1,273 @@
+"""Hyperparameter search over any params keys with Optuna: the ``sweep:`` params, the search space,
+each trial's link to its Optuna trial, and the report.
+
+A sweep is one method on one data version. Each trial is a fine-tuning run with sampled overrides
+(``train.lr=3.1e-4``, ``method.r=16``), an MLflow child run of the sweep's parent run, executed by
+the runner like any other run (its own process; on Ray, several at once). Its objective is
+``sweep.metric`` at its last periodic validation, on the validation split: the test split is not
+looked at until the best params are trained through the experiment path. Each periodic validation
+is reported to the trial as it happens, so the pruner (median) stops trials that trail the others
+at the same step. Sampler and pruner are Optuna's; the trials share an Optuna storage (a journal
+file in the sweep's folder by default; a database URL for trials on other machines).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from peftflow.methods import DEFAULT as DEFAULT_METHOD
+from peftflow.schema import Strict
+
+OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+
+class Dimension(Strict):
+    """One searched key: ``choices``, or a range ``low``..``high`` (integers if both are; ``log``
+    for a log-uniform range, ``step`` for a grid)."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> Dimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("expected choices: [...], or low: and high:")
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} is not below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not go together (Optuna)")
+        return self
+
+
+class SweepParams(Strict):
+    """`peftflow sweep` / the sweep flow."""
+
+    method: str = DEFAULT_METHOD
+    trials: int = Field(12, ge=1)
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # at the trial's last periodic validation
+    sampler: Literal["tpe", "random"] = "tpe"  # seeded by the params' seed: the same sweep samples the same trials
+    pruner: Literal["median", "none"] = "median"
+    startup_trials: int = Field(4, ge=0)  # random trials before TPE models, and before the pruner prunes
+    warmup_evals: int = Field(1, ge=0)  # periodic validations a trial runs before it may be pruned
+    space: dict[str, dict[str, Any]] = {
+        "train.lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True},
+        "method.r": {"choices": [4, 8, 16, 32]},
+    }
+    storage: str | None = None  # an Optuna storage URL (a database); null: a journal file in out_dir
+    out_dir: Path = Path("reports/sweep")  # trials.csv, sweep.md and best.yaml, per method
+
+    @model_validator(mode="after")
+    def _space(self) -> SweepParams:
+        if not self.space:
+            raise ValueError("space: empty; give at least one key to search, e.g. train.lr: {low: 1e-4, high: 1e-3}")
+        for key, spec in self.space.items():
+            try:
+                Dimension(**spec) if isinstance(spec, dict) else Dimension(choices=spec)
+            except ValueError as e:
+                raise ValueError(f"space.{key}: {_first_error(e)}") from None
+        return self
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.metric]
+
+    def dimensions(self) -> dict[str, Dimension]:
+        return {k: Dimension(**v) if isinstance(v, dict) else Dimension(choices=v) for k, v in self.space.items()}
+
+
+def _first_error(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        return f"{loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}"
+    return str(e)
+
+
+def _is_int(spec: dict[str, Any]) -> bool:
+    return all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool) for k in ("low", "high"))
+
+
+def distributions(sweep: SweepParams) -> dict[str, Any]:
+    """The space as Optuna distributions (integer ranges where low and high are integers)."""
+    import optuna.distributions as d
+
+    out: dict[str, Any] = {}
+    for key, spec in sweep.space.items():
+        dim = sweep.dimensions()[key]
+        if dim.choices is not None:
+            out[key] = d.CategoricalDistribution(dim.choices)
+        elif _is_int(spec) and (dim.step is None or float(dim.step).is_integer()):
+            out[key] = d.IntDistribution(int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+        else:
+            out[key] = d.FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
+    return out
+
+
+def sample_overrides(sweep: SweepParams) -> list[list[str]]:
+    """Overrides that visit each key's extremes (to check every key before anything trains)."""
+    out = []
+    for key, dist in distributions(sweep).items():
+        values = dist.choices if hasattr(dist, "choices") else (dist.low, dist.high)
+        out += [[f"{key}={_text(v)}"] for v in values]
+    return out
+
+
+def _text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def overrides(values: dict[str, Any]) -> list[str]:
+    return [f"{k}={_text(v)}" for k, v in values.items()]
+
+
+def nested(values: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1e-4} -> {"train": {"lr": 1e-4}}: a params file."""
+    out: dict[str, Any] = {}
+    for dotted, value in values.items():
+        node = out
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+# --- the study -----------------------------------------------------------------------------------
+
+
+def storage(sweep: SweepParams, folder: Path):
+    """The Optuna storage: ``sweep.storage``, else a journal file in ``folder`` (safe for trials in
+    several processes on this machine)."""
+    if sweep.storage:
+        return sweep.storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+
+
+def create_study(sweep: SweepParams, name: str, store: Any, seed: int):
+    import optuna
+
+    sampler = (
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.startup_trials)
+        if sweep.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
+    )
+    return optuna.create_study(
+        study_name=name, storage=store, sampler=sampler, pruner=pruner(sweep), direction=sweep.direction
+    )
+
+
+def pruner(sweep: SweepParams):
+    import optuna
+
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=sweep.startup_trials, n_warmup_steps=0)
+
+
+class TrialRef(BaseModel):
+    """What a trial's process needs to report to its Optuna trial: where the study is, and which trial."""
+
+    storage: str  # a URL, or a journal file path
+    study: str
+    trial_id: int
+    number: int
+    metric: str
+    warmup_step: int = 0  # no pruning before this training step
+
+    def reporter(self) -> Reporter:
+        return Reporter(self)
+
+
+class Reporter:
+    """A training callback: each periodic validation's ``metric`` reported to the trial; raises
+    ``optuna.TrialPruned`` when the pruner says so. Pickles as its :class:`TrialRef`."""
+
+    def __init__(self, ref: TrialRef):
+        self.ref = ref
+        self._trial = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ref": self.ref, "_trial": None}
+
+    def _open(self):
+        import optuna
+
+        if self._trial is None:
+            ref = self.ref
+            store = ref.storage
+            if "://" not in store:
+                from optuna.storages import JournalStorage
+                from optuna.storages.journal import JournalFileBackend
+
+                store = JournalStorage(JournalFileBackend(store))
+            study = optuna.load_study(study_name=ref.study, storage=store)
+            self._trial = optuna.trial.Trial(study, ref.trial_id)
+        return self._trial
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        import optuna
+
+        if self.ref.metric not in metrics:
+            return
+        trial, value = self._open(), metrics[self.ref.metric]
+        trial.report(value, step)
+        if step >= self.ref.warmup_step and trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.ref.number} pruned at step {step}: {self.ref.metric} {value:.4f}")
+
+
+def objective(evals: list[dict[str, float]], metric: str) -> float | None:
+    """The trial's value: ``metric`` at its last periodic validation."""
+    values = [e[metric] for e in evals if metric in e and not math.isnan(e[metric])]
+    return values[-1] if values else None
+
+
+def trials_csv(rows: list[dict[str, Any]]) -> str:
+    keys = ["number", "state", "value", "run_id", "error"]
+    space = sorted({k for r in rows for k in r["params"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(keys + space)
+    for r in rows:
+        writer.writerow(
+            [r.get(k) if r.get(k) is not None else "" for k in keys] + [r["params"].get(k, "") for k in space]
+        )
+    return buf.getvalue()
+
+
+def markdown(title: str, lines: list[str], rows: list[dict[str, Any]], metric: str) -> str:
+    space = sorted({k for r in rows for k in r["params"]})
+    head = ["trial", "state", metric, *space, "MLflow run"]
+    out = [f"# {title}", "", *(f"- {line}" for line in lines), "", "| " + " | ".join(head) + " |"]
+    out.append("|" + "---|" * len(head))
+    for r in rows:
+        value = "" if r["value"] is None else f"{r['value']:.4f}"
+        cells = [
+            str(r["number"]),
+            r["state"],
+            value,
+            *(_text(r["params"].get(k, "")) for k in space),
+            r["run_id"] or "",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,133 @@
+"""Many runs at once, each in a process of its own: compare on a real local Ray cluster, a run
+killed with SIGKILL, the runner's params, a sweep with Optuna. Prefect's test harness, a SQLite
+MLflow store and DVC with a local remote, in a temporary project on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from peftflow.config import ParamsError
+from peftflow.pipeline import Project
+from tests.project import BIN, make_project
+
+QUALITY = ("final_train_loss", "test_loss", "test_accuracy", "val_loss", "train_tokens", "steps")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    saved = {k: os.environ.get(k) for k in ("PATH", "MLFLOW_TRACKING_URI")}
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield make_project(tmp_path_factory.mktemp("cluster") / "proj", tiny_model_dir)
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _client(root) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _children(client: MlflowClient, parent: str) -> dict[str, object]:
+    experiment = client.get_experiment_by_name("peftflow").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    return {r.data.tags["peftflow.method"]: r for r in runs}
+
+
+def test_compare_on_a_local_ray_cluster_runs_at_once_with_the_sequential_metrics(project, harness):
+    from flows.pipeline import compare
+
+    common = ["train.eval_every=4", "runner.cpus_per_run=1"]  # one torch thread per run on either runner
+    sequential = compare(["lora", "ia3"], token_budget=1500, project=Project(root=project, overrides=common))
+    on_ray = compare(["lora", "ia3"], token_budget=1500, project=Project(root=project, overrides=[*common, "runner.kind=ray"]))
+
+    client = _client(project)
+    one, other = _children(client, sequential["parent_run_id"]), _children(client, on_ray["parent_run_id"])
+    assert sorted(one) == sorted(other) == ["ia3", "lora"]
+    for method in one:
+        a, b = one[method].data.metrics, other[method].data.metrics
+        assert {k: a[k] for k in QUALITY} == {k: b[k] for k in QUALITY}, method
+        assert other[method].info.status == "FINISHED"
+    # on Ray both ran at once: each run started before the other ended
+    lora, ia3 = other["lora"].info, other["ia3"].info
+    assert lora.start_time < ia3.end_time and ia3.start_time < lora.end_time
+    assert other["lora"].data.tags["peftflow.pid"] != other["ia3"].data.tags["peftflow.pid"]
+    # one after another on the default runner
+    lora, ia3 = sorted((one["lora"].info, one["ia3"].info), key=lambda i: i.start_time)
+    assert lora.end_time <= ia3.start_time
+
+
+def test_a_run_killed_with_sigkill_is_a_failed_row_and_the_others_finish(project, harness):
+    from flows.pipeline import compare
+    from peftflow.compare import ComparisonFailed
+
+    client = _client(project)
+    experiment = client.get_experiment_by_name("peftflow") or client.get_experiment(client.create_experiment("peftflow"))
+    killed: dict[str, str] = {}
+
+    def kill_lora_once_it_trains() -> None:  # what the kernel's OOM killer does, mid-training
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for r in client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+                if r.data.tags.get("peftflow.method") == "lora" and "train_loss" in r.data.metrics:
+                    os.kill(int(r.data.tags["peftflow.pid"]), signal.SIGKILL)
+                    killed[r.info.run_id] = r.data.tags["peftflow.pid"]
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_lora_once_it_trains, daemon=True)
+    watcher.start()
+    overrides = ["train.eval_every=0", "train.log_every=1"]
+    with pytest.raises(ComparisonFailed, match=r"1 of 2 comparison runs failed: lora \(seed 42\): .*killed by SIGKILL"):
+        compare(["lora", "ia3"], token_budget=6000, project=Project(root=project, overrides=overrides))
+    watcher.join()
+    (run_id,) = killed
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags["peftflow.failure"]  # not RUNNING forever
+    table = (project / "reports" / "compare" / "leaderboard.md").read_text()
+    assert "| 1 | ia3 |" in table and "| - | lora | 0 | failed: the run's process was killed by SIGKILL" in table
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    assert _children(client, parent.info.run_id)["ia3"].info.status == "FINISHED"
+
+
+def test_the_runner_params_refuse_threads_and_unreachable_stores(project):
+    with pytest.raises(ParamsError, match=r"runner.kind: 'thread': runs cannot share a process"):
+        Project(root=project, overrides=["runner.kind=thread"]).params(None)
+    with pytest.raises(ParamsError, match=r"override .runner.max_parallel=2.: runner.max_parallel: 2 with kind process"):
+        Project(root=project, overrides=["runner.max_parallel=2"]).params(None)
+    from peftflow.cluster.jobs import check_runner
+
+    remote = Project(root=project, overrides=["runner.kind=ray", "runner.address=ray://10.1.2.3:10001"])
+    with pytest.raises(ParamsError, match=r"^tracking.uri: sqlite:///.*mlflow.db is on this machine; .* set tracking.uri"):
+        check_runner(remote)
+    check_runner(Project(root=project, overrides=["runner.kind=ray"]))  # a local cluster reaches everything
+
+
+def test_the_remote_cluster_check_stops_the_flow_before_any_run(project, harness):
+    from typer.testing import CliRunner
+
+    from flows.__main__ import app
+
+    client = _client(project)
+    experiment = client.get_experiment_by_name("peftflow")
+    before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    args = ["compare", "-m", "lora", "--root", str(project), "-s", "runner.kind=ray", "-s", "runner.address=auto"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "tracking.uri: sqlite:///" in result.output, result.output
+    experiment = client.get_experiment_by_name("peftflow")
+    assert (len(client.search_runs([experiment.experiment_id])) if experiment else 0) == before
