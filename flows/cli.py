@@ -47,7 +47,7 @@ def experiment(
     run_or_exit(check_overrides, project.overrides)  # bad input: one line, before any flow run starts
     for name in method:
         run_or_exit(project.params, name)
-    results = flow(methods=method, project=project, data_version=data_version)
+    results = _runs_or_exit(flow, methods=method, project=project, data_version=data_version)
     console = Console()
     console.print(results_table(results))
     for r in results:
@@ -95,6 +95,56 @@ def compare(
     for line in report["notes"]:
         typer.echo(f"- {line}")
     typer.echo(f"leaderboard (CSV, Markdown, HTML) and plots in {report['out_dir']}/")
+
+
+def _runs_or_exit(flow, **kwargs):
+    """Run a flow whose runs go to the runner: bad input (the runner's check included) is one red
+    line and exit code 2; runs that failed (the others were registered) one line and exit code 1."""
+    from peftflow.cluster.jobs import RunsFailed, check_runner
+
+    run_or_exit(check_runner, kwargs["project"])
+    try:
+        return run_or_exit(flow, **kwargs)
+    except RunsFailed as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+@flows_app.command()
+def sweep(
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method to tune; default: sweep.method.")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="Trials; default: sweep.trials.")] = None,
+    train_best: Annotated[
+        bool, typer.Option(help="Then train the best params like an experiment (evaluate, register, promote).")
+    ] = False,
+    root: Root = Path("."),
+    overrides: Overrides = None,
+    data_version: Annotated[
+        str | None, typer.Option(help="Search on this earlier data: a DVC hash, or a data version a run names.")
+    ] = None,
+) -> None:
+    """Hyperparameter search with Optuna over sweep.space (any params keys), each trial scored on the
+    validation split and pruned early when it trails: best params in <sweep.out_dir>/<method>/best.yaml."""
+    from rich.console import Console
+
+    from flows.pipeline import sweep as flow
+    from peftflow.pipeline import Project, check_overrides
+    from peftflow.sweep import SweepFailed
+
+    project = Project(root=root, overrides=overrides or [])
+    run_or_exit(check_overrides, project.overrides)
+    if method:
+        run_or_exit(project.params, method)
+    try:
+        report = _runs_or_exit(flow, method=method, n_trials=trials, train_best=train_best, project=project,
+                               data_version=data_version)  # fmt: skip
+    except SweepFailed as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo((Path(report["out_dir"]) / "sweep.md").read_text())
+    typer.echo(f"best params: {report['best_file']}")
+    if "trained" in report:
+        Console().print(results_table([report["trained"]]))
 
 
 def results_table(results: list[dict]):
@@ -153,7 +203,7 @@ def nightly(
     run_or_exit(check_overrides, project.overrides)
     for name in method or []:
         run_or_exit(project.params, name)
-    outcome = nightly_retrain(methods=method or None, project=project)
+    outcome = _runs_or_exit(nightly_retrain, methods=method or None, project=project)
     console = Console()
     console.print(outcome["reason"])
     if outcome["results"]:
@@ -231,7 +281,7 @@ def _peftflow_app() -> typer.Typer:
     app.registered_callback = core.app.registered_callback
     app.registered_commands = [*core.app.registered_commands]
     app.registered_groups = [*core.app.registered_groups]
-    for command in (experiment, compare, nightly, serve):
+    for command in (experiment, compare, sweep, nightly, serve):
         app.command(rich_help_panel="Prefect flows")(command)
     return app
 

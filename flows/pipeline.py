@@ -8,6 +8,7 @@ from typing import Literal
 from prefect import flow
 
 from peftflow import compare as compare_core
+from peftflow import sweep as sweep_core
 from peftflow.cluster import jobs as jobs_core
 from peftflow.cluster.jobs import Job, JobResult
 from peftflow.cluster.params import RunnerParams
@@ -169,6 +170,114 @@ def compare(
     steps.publish_compare(project, report)
     if report["failed"]:
         raise compare_core.ComparisonFailed(report["failed"])
+    return report
+
+
+@flow(name="trials")
+def trials(project: Project, plan: sweep_core.Plan, data: DataVersion, parent: str, runner: RunnerParams) -> list[dict]:
+    """The sweep's search on this flow's task runner: Optuna asks for as many trials as the runner
+    runs at once, each is a run in a process of its own (an MLflow child run of ``parent``) that
+    reports its validations to its Optuna trial, and Optuna is told how each ended."""
+
+    journal = project.root.resolve() / plan.journal_dir
+    study = sweep_core.create_study(plan.sweep, f"{plan.method}-{parent}", sweep_core.storage(plan.sweep, journal),
+                                    plan.seed)  # fmt: skip
+    where = plan.sweep.storage or str(journal / "optuna.journal")  # what each trial's process opens
+    width = cluster.capacity(runner, project.params(plan.method).distributed.num_processes)
+    space, rows = sweep_core.distributions(plan.sweep), []
+    while len(rows) < plan.trials:
+        asked = [study.ask(space) for _ in range(min(width, plan.trials - len(rows)))]
+        jobs = []
+        for t in asked:
+            run_project = project.model_copy(
+                update={"overrides": [*project.overrides, *sweep_core.overrides(t.params)]}
+            )
+            ref = sweep_core.TrialRef(
+                storage=where,
+                study=study.study_name,
+                trial_id=t._trial_id,
+                number=t.number,
+                metric=plan.metric,
+                pruner=plan.sweep.pruner,
+                startup_trials=plan.sweep.startup_trials,
+                warmup_step=plan.warmup_step,
+            )
+            job = _job(run_project, plan.method, data, f"trial-{t.number}", sweep_core.child_tags(parent, t.number))
+            jobs.append(job.model_copy(update={"score": False, "trial": ref}))
+        for i, result in cluster.submit_all(jobs, runner):
+            rows.append(_told(study, asked[i], result, plan, project))
+    return sorted(rows, key=lambda r: r["number"])
+
+
+def _told(study, trial, result: JobResult, plan: sweep_core.Plan, project: Project) -> dict:
+    """Tell Optuna how a trial ended; its row."""
+    from optuna.trial import TrialState
+
+    value = sweep_core.objective(result.evals, plan.metric) if not result.error else None
+    if result.error_type == "TrialPruned":
+        state = "pruned"
+        study.tell(trial, state=TrialState.PRUNED)
+        steps.mark_pruned(project, result.run_id, result.error)
+    elif value is None:
+        state = "failed"
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        state = "complete"
+        study.tell(trial, value)
+    error = result.error if state == "failed" else None
+    if state == "failed" and not error:
+        error = f"no {plan.metric} at any validation"
+    return {"number": trial.number, "state": state, "value": value, "params": trial.params, "run_id": result.run_id,
+            "error": error}  # fmt: skip
+
+
+@flow(name="sweep")
+def sweep(
+    method: Method | None = None,
+    n_trials: int | None = None,
+    train_best: bool = False,
+    project: Project = HERE,
+    data_version: str | None = None,
+) -> dict:
+    """Hyperparameter search with Optuna over the params keys in params' sweep.space: each trial a
+    run on the runner (several at once on Ray), scored on the validation split and pruned early when
+    it trails; a parent MLflow run with a child per trial; the best params as a params file
+    (<sweep.out_dir>/<method>/best.yaml), and with `train_best` trained, evaluated, registered and
+    promoted like an experiment.
+
+    Args:
+        method: the method to tune; empty: params' sweep.method
+        n_trials: trials; empty: params' sweep.trials
+        train_best: train the best params through the experiment path (register, promote)
+        project: the project folder, its params folder and KEY.PATH=VALUE overrides
+        data_version: a DVC hash or data version to search on; empty: the workspace's data
+    """
+    project = project.frozen()
+    steps.check_runner(project, project.params(None).sweep.storage)
+    data = prepare_data(project, data_version)
+    plan = steps.sweep_plan(project, data, method, n_trials)
+    parent = steps.sweep_start(project, plan, data)
+    runner = project.params(None).runner
+    try:
+        rows = trials.with_options(task_runner=cluster.task_runner(runner, str(project.root)))(
+            project, plan, data, parent, runner
+        )
+        report = steps.sweep_finish(project, plan, rows, parent)
+    except BaseException:
+        steps.sweep_abort(project, parent)
+        raise
+    if report["best"] is None:
+        raise sweep_core.SweepFailed(f"sweep of {plan.method}: no trial completed; see {report['out_dir']}/sweep.md")
+    if train_best:
+        best = project.model_copy(
+            update={"overrides": [*project.overrides, *sweep_core.overrides(report["best"]["params"])]}
+        )
+        before = steps.champion(best)
+        results, failed = _each_method([plan.method], data, best)
+        steps.publish(best, "sweep", f"trained the best of the {plan.method} sweep", data, results, before,
+                      steps.champion(best))  # fmt: skip
+        _fail_if(failed, 1)
+        report["trained"] = results[0]
     return report
 
 

@@ -78,7 +78,9 @@ def run_job(job: Job) -> JobResult:
     """One job in a process of its own, wherever the task runner put this task."""
     result = jobs.run(job)
     logger = get_run_logger()
-    if result.error:
+    if result.error_type == "TrialPruned":
+        logger.info("%s: %s", result.name, result.error)
+    elif result.error:
         logger.error("%s failed on %s: %s", result.name, result.host, result.error)
     else:
         shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("test_accuracy", "test_loss"))}
@@ -109,3 +111,21 @@ def _result(future, job: Job) -> JobResult:
     except Exception as e:  # noqa: BLE001 - the task itself failed (its worker died): a failed row
         error = " ".join(str(e).split())[:500] or type(e).__name__
         return JobResult(name=job.name or job.method, method=job.method, error=error, error_type=type(e).__name__)
+
+
+def capacity(runner: RunnerParams, processes: int = 1) -> int:
+    """How many runs the runner runs at once: ``max_parallel``, else what the cluster's CPUs (or
+    GPUs, when runs take GPUs) fit; 1 for ``process``. Call inside a flow on that runner."""
+    if runner.kind == "process":
+        return 1
+    if runner.max_parallel:
+        return runner.max_parallel
+    if runner.kind == "ray":
+        import ray
+
+        total, options = ray.cluster_resources(), _ray_options(runner, processes)
+        fits = [total.get("CPU", 0) // options["num_cpus"]]
+        if options["num_gpus"]:
+            fits.append(total.get("GPU", 0) // options["num_gpus"])
+        return max(1, int(min(fits)))
+    return max(1, (os.cpu_count() or 1) // (runner.cpus_per_run or 1))

@@ -4,6 +4,7 @@ the versions; a cached task result would hide a changed dataset or a moved alias
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -12,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from peftflow import compare, nightly, pipeline, registry, report, tracking
+from peftflow import compare, nightly, pipeline, registry, report, sweep, tracking
 from peftflow import reproduce as reproduce_core
 from peftflow.cluster import jobs
 from peftflow.pipeline import DataVersion, Project
@@ -171,3 +172,42 @@ def publish_compare(project: Project, report: dict[str, Any]) -> None:
     where = f"files: `{report['out_dir']}` (leaderboard.csv/.md/.html, plots); [MLflow parent run]({link})"
     text = compare.summary_markdown("compare", [*report["notes"], where], report["table"], metric)
     create_markdown_artifact(text, key="compare-summary", description="quality vs compute")
+
+
+@task(name="sweep-plan", cache_policy=NO_CACHE)
+def sweep_plan(project: Project, data_version: DataVersion, method: str | None, trials: int | None) -> sweep.Plan:
+    plan = sweep.plan(project, data_version, method, trials)
+    space = ", ".join(f"{k} {v}" for k, v in plan.sweep.space.items())
+    get_run_logger().info("%d trials of %s over %s; objective %s", plan.trials, plan.method, space, plan.metric)
+    return plan
+
+
+@task(name="sweep-start", cache_policy=NO_CACHE)
+def sweep_start(project: Project, plan: sweep.Plan, data_version: DataVersion) -> str:
+    run_id = sweep.start(project, plan, data_version, prefect_tags())
+    get_run_logger().info("sweep: MLflow parent run %s", run_id)
+    return run_id
+
+
+@task(name="sweep-finish", cache_policy=NO_CACHE)
+def sweep_finish(project: Project, plan: sweep.Plan, rows: list[dict], parent: str) -> dict[str, Any]:
+    report = sweep.finish(project, plan, rows, parent)
+    for line in report["notes"]:
+        get_run_logger().info("%s", line)
+    text = (Path(report["out_dir"]) / "sweep.md").read_text()
+    create_markdown_artifact(text, key="sweep-summary", description=report["notes"][0][:200])
+    return report
+
+
+@task(name="sweep-abort", cache_policy=NO_CACHE)
+def sweep_abort(project: Project, parent: str) -> None:
+    sweep.abort(project, parent)
+
+
+@task(name="mark-pruned", cache_policy=NO_CACHE)
+def mark_pruned(project: Project, run_id: str | None, reason: str | None) -> None:
+    """A pruned trial's MLflow run: KILLED (stopped on purpose), not FAILED, with the reason."""
+    if run_id:
+        client, _ = tracking.connect(project.params(None), project.root)
+        client.set_tag(run_id, "peftflow.sweep.pruned", reason or "pruned")
+        client.set_terminated(run_id, "KILLED")

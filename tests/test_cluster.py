@@ -132,3 +132,55 @@ def test_the_remote_cluster_check_stops_the_flow_before_any_run(project, harness
     assert result.exit_code == 2 and "tracking.uri: sqlite:///" in result.output, result.output
     experiment = client.get_experiment_by_name("peftflow")
     assert (len(client.search_runs([experiment.experiment_id])) if experiment else 0) == before
+
+
+def test_a_sweep_writes_the_best_params_and_one_child_run_per_trial(project, harness):
+    import yaml
+
+    from flows.pipeline import sweep
+
+    space = '{"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": true}, "method.r": {"choices": [2, 8]}}'
+    overrides = [f"sweep.space={space}", "sweep.startup_trials=2", "sweep.metric=val_loss", "train.max_steps=8",
+                 "train.eval_every=2"]  # fmt: skip
+    report = sweep("lora", n_trials=5, project=Project(root=project, overrides=overrides))
+
+    client = _client(project)
+    parent = client.get_run(report["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["peftflow.sweep"] == "parent"
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(int(c.data.tags["peftflow.sweep.trial"]) for c in children) == [0, 1, 2, 3, 4]
+    rows = {r["number"]: r for r in report["rows"]}
+    for c in children:  # each trial trained its sampled params, scored on validation, not on test
+        row = rows[int(c.data.tags["peftflow.sweep.trial"])]
+        assert float(c.data.params["train.lr"]) == pytest.approx(row["params"]["train.lr"])
+        assert c.data.params["method.r"] == str(row["params"]["method.r"])
+        assert "test_accuracy" not in c.data.metrics and "val_accuracy" in c.data.metrics
+        expected = {"complete": "FINISHED", "pruned": "KILLED"}[row["state"]]
+        assert c.info.status == expected, (row, c.info.status)
+    pruned = [c for c in children if c.info.status == "KILLED"]  # the slowest learner stopped at its first validation
+    assert [rows[int(c.data.tags["peftflow.sweep.trial"])]["state"] for c in pruned] == ["pruned"]
+    assert "pruned at step 2: val_loss" in pruned[0].data.tags["peftflow.sweep.pruned"]
+    best = report["best"]
+    assert best["value"] == min(r["value"] for r in report["rows"] if r["state"] == "complete")
+    assert parent.data.metrics["best_val_loss"] == best["value"]
+    written = yaml.safe_load((project / "reports" / "sweep" / "lora" / "best.yaml").read_text())
+    assert written == {"train": {"lr": best["params"]["train.lr"]}, "method": {"r": best["params"]["method.r"]}}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
+        "sweep/best.yaml", "sweep/trials.csv", "sweep/sweep.md"}  # fmt: skip
+
+    # the best params apply as overrides: the run they make is the best trial's run again
+    again = Project(root=project, overrides=[f"{k}={v}" for k, v in best["params"].items()]).params("lora")
+    assert (again.train.lr, again.method.r) == (best["params"]["train.lr"], best["params"]["method.r"])
+
+
+def test_a_sweep_refuses_a_key_that_is_not_a_param(project):
+    from peftflow import pipeline, sweep
+
+    data = pipeline.prepare_data(Project(root=project))
+    bad = Project(root=project, overrides=['sweep.space={"train.lrr": {"low": 0.1, "high": 0.2}}'])
+    with pytest.raises(ParamsError, match=r"sweep.space: train.lrr=0.1: .*train.lrr"):
+        sweep.plan(bad, data)
+    none = Project(root=project, overrides=["train.eval_every=0"])
+    with pytest.raises(ParamsError, match=r"train.eval_every: 0: a sweep scores each trial at its periodic"):
+        sweep.plan(none, data)

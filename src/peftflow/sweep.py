@@ -25,6 +25,11 @@ from pydantic import BaseModel, Field, model_validator
 from peftflow.methods import DEFAULT as DEFAULT_METHOD
 from peftflow.schema import Strict
 
+
+class SweepFailed(RuntimeError):
+    """No trial of a sweep completed; the report, naming why each ended, was written anyway."""
+
+
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 
@@ -177,7 +182,7 @@ def create_study(sweep: SweepParams, name: str, store: Any, seed: int):
     )
 
 
-def pruner(sweep: SweepParams):
+def pruner(sweep: SweepParams | TrialRef):
     import optuna
 
     if sweep.pruner == "none":
@@ -193,6 +198,8 @@ class TrialRef(BaseModel):
     trial_id: int
     number: int
     metric: str
+    pruner: Literal["median", "none"] = "median"  # the study's (Optuna keeps no pruner in the storage)
+    startup_trials: int = 0
     warmup_step: int = 0  # no pruning before this training step
 
     def reporter(self) -> Reporter:
@@ -221,7 +228,7 @@ class Reporter:
                 from optuna.storages.journal import JournalFileBackend
 
                 store = JournalStorage(JournalFileBackend(store))
-            study = optuna.load_study(study_name=ref.study, storage=store)
+            study = optuna.load_study(study_name=ref.study, storage=store, pruner=pruner(ref))
             self._trial = optuna.trial.Trial(study, ref.trial_id)
         return self._trial
 
@@ -271,3 +278,125 @@ def markdown(title: str, lines: list[str], rows: list[dict[str, Any]], metric: s
         ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+# --- the steps (``flows/pipeline.py`` runs them) -------------------------------------------------
+
+PARENT_TAG = "peftflow.sweep"  # "parent" on the sweep's run, its id on each trial's run
+
+
+class Plan(BaseModel):
+    method: str
+    trials: int
+    metric: str
+    direction: str
+    sweep: SweepParams
+    seed: int
+    warmup_step: int  # training steps before a trial may be pruned
+    out_dir: Path  # the report, relative to the project: <sweep.out_dir>/<method>
+    journal_dir: Path  # the Optuna journal when sweep.storage is null, relative to the project
+
+
+def plan(project, data_version, method: str | None = None, trials: int | None = None) -> Plan:
+    """The sweep; bad input fails here, in one line, before anything trains."""
+    from peftflow import data
+    from peftflow.config import ParamsError
+    from peftflow.pipeline import check_overrides, with_data
+
+    base = project.params(None)
+    cfg = base.sweep.model_copy(update={k: v for k, v in (("method", method), ("trials", trials)) if v})
+    params = project.params(cfg.method)
+    if params.train.eval_every < 1:
+        raise ParamsError(
+            "train.eval_every: 0: a sweep scores each trial at its periodic validations; set it to a step count"
+        )
+    manifest = data.read_manifest(with_data(base, data_version).rebased(project.root).data.out_dir)
+    if cfg.metric == "val_accuracy" and not manifest.get("labels"):
+        raise ParamsError("sweep.metric: val_accuracy needs answers from a closed label set (data.format: text_label); "
+                          "use val_loss")  # fmt: skip
+    for extra in sample_overrides(cfg):
+        check_overrides(extra)
+        try:
+            project.model_copy(update={"overrides": [*project.overrides, *extra]}).params(cfg.method)
+        except ParamsError as e:
+            raise ParamsError(f"sweep.space: {extra[0]}: {e}") from None
+    return Plan(
+        method=cfg.method, trials=cfg.trials, metric=cfg.metric, direction=cfg.direction, sweep=cfg, seed=base.seed,
+        warmup_step=cfg.warmup_evals * params.train.eval_every, out_dir=cfg.out_dir / cfg.method,
+        journal_dir=base.train.output_dir / "sweeps",
+    )  # fmt: skip
+
+
+def start(project, the_plan: Plan, data_version, tags: dict[str, str] | None = None) -> str:
+    """The parent MLflow run (RUNNING until :func:`finish`); its id."""
+    from peftflow import tracking
+
+    params = project.params(None)
+    run_tags = {PARENT_TAG: "parent", "peftflow.method": the_plan.method,
+                "peftflow.data_version": data_version.version, "dvc.data_md5": data_version.dvc_md5 or "none",
+                **tracking.code_version(project.root), **(tags or {})}  # fmt: skip
+    logged = {f"sweep.{k}": v for k, v in the_plan.sweep.model_dump(mode="json").items() if k != "space"}
+    logged.update(
+        {
+            f"sweep.space.{k}": yaml.safe_dump(v, default_flow_style=True).strip()
+            for k, v in the_plan.sweep.space.items()
+        }
+    )
+    return tracking.start_run(params, project.root, f"sweep-{the_plan.method}", run_tags, logged=logged).run_id
+
+
+def child_tags(parent_run_id: str, number: int) -> dict[str, str]:
+    return {"mlflow.parentRunId": parent_run_id, PARENT_TAG: parent_run_id, "peftflow.sweep.trial": str(number)}
+
+
+def finish(project, the_plan: Plan, rows: list[dict[str, Any]], parent_run_id: str) -> dict[str, Any]:
+    """The report (trials.csv, sweep.md, best.yaml) in one folder that appears whole, logged to the
+    parent run, which ends FINISHED (FAILED if no trial completed). The best trial and where it all is."""
+    from peftflow import tracking
+    from peftflow.atomic import atomic_dir
+
+    params = project.params(None)
+    done = [r for r in rows if r["state"] == "complete"]
+    sign = 1 if the_plan.direction == "maximize" else -1
+    best = max(done, key=lambda r: (sign * r["value"], -r["number"])) if done else None
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed")}
+    lines = [
+        f"{the_plan.method}: {len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
+        f"{counts['failed']} failed); objective {the_plan.metric} ({the_plan.direction}) at the last validation"
+    ]
+    if best:
+        found = " ".join(overrides(best["params"]))
+        lines.append(f"best: trial {best['number']}, {the_plan.metric} {best['value']:.4f}: {found}")
+    out = project.root / the_plan.out_dir
+    with atomic_dir(out) as tmp:
+        (tmp / "trials.csv").write_text(trials_csv(rows))
+        (tmp / "sweep.md").write_text(markdown(f"peftflow sweep: {the_plan.method}", lines, rows, the_plan.metric))
+        if best:
+            flags = " ".join(f"-s {o}" for o in overrides(best["params"]))
+            header = (
+                f"# peftflow sweep of {the_plan.method}: trial {best['number']} of {len(rows)}, "
+                f"{the_plan.metric} {best['value']:.4f} (MLflow run {best['run_id']})\n"
+                f"# use: peftflow experiment -m {the_plan.method} {flags}\n"
+            )
+            (tmp / "best.yaml").write_text(header + yaml.safe_dump(nested(best["params"]), sort_keys=False))
+    client, experiment_id = tracking.connect(params, project.root)
+    run = tracking.TrackedRun(client, parent_run_id, experiment_id)
+    try:
+        run.log_artifacts(out, "sweep")
+        run.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+        if best:
+            run.log_metrics({f"best_{the_plan.metric}": best["value"]})
+            run.set_tag("peftflow.sweep.best_run", best["run_id"] or "")
+    except BaseException:
+        tracking.end_run(run, "FAILED")
+        raise
+    tracking.end_run(run, "FINISHED" if best else "FAILED")
+    return {"best": best, "rows": rows, "notes": lines, "out_dir": str(out), "parent_run_id": parent_run_id,
+            "best_file": str(out / "best.yaml") if best else None}  # fmt: skip
+
+
+def abort(project, parent_run_id: str) -> None:
+    from peftflow import tracking
+
+    client, experiment_id = tracking.connect(project.params(None), project.root)
+    tracking.end_run(tracking.TrackedRun(client, parent_run_id, experiment_id), "FAILED")
