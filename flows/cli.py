@@ -256,17 +256,26 @@ def serve(
         typer.Option(help="The server's database, e.g. postgresql+asyncpg://user:pass@host/prefect (default SQLite)."),
     ] = None,
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI on 127.0.0.1 (0: do not start it).")] = 5000,
-    limit: Annotated[int, typer.Option(min=1, help="Flow runs at a time (more queue).")] = 1,
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs at a time (more queue); a work pool's limit.")] = 1,
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Send the deployments to this Prefect work pool; `prefect worker start --pool NAME` runs them."
+        ),
+    ] = None,
+    repo: Annotated[
+        str | None, typer.Option(help="With --work-pool: the git URL workers clone (default: the remote 'origin').")
+    ] = None,
 ) -> None:
-    """Prefect server + MLflow UI on 127.0.0.1, and the deployments experiment, compare,
-    nightly-retrain and rlhf served until Ctrl-C."""
+    """Prefect server + MLflow UI on 127.0.0.1, and the deployments experiment, compare, sweep,
+    nightly-retrain and rlhf served until Ctrl-C (or, with --work-pool, run by that pool's workers)."""
     from flows.serve import ServeError
     from flows.serve import serve as start
     from peftflow.pipeline import Project
 
     project = Project(root=root, overrides=overrides or [])
     try:
-        run_or_exit(start, project, port, api_url, database_url, mlflow_port, limit)
+        run_or_exit(start, project, port, api_url, database_url, mlflow_port, limit, work_pool, repo)
     except ServeError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -9,6 +9,14 @@ run the server elsewhere (``prefect server start`` with a PostgreSQL database) a
 
 Stopping ``serve`` (Ctrl-C) pauses the deployments, so scheduled runs do not pile up as late;
 the next ``serve`` resumes them.
+
+``serve --work-pool NAME`` instead sends the deployments to a Prefect work pool (a process pool,
+created if missing, its concurrency limit ``--limit``), and any number of ``prefect worker start
+--pool NAME`` processes, on other machines too, run them. Each flow run starts with pull steps:
+``git clone`` of the project's repository at the commit ``serve`` saw, then ``dvc pull`` of its
+data from the DVC remote, in a fresh folder that becomes the run's project root. The workers log to
+the MLflow tracking server, which ``serve`` hands them (``MLFLOW_TRACKING_URI``); with the local
+store that is the MLflow server ``serve`` started, on 127.0.0.1 (workers on this machine only).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from prefect.runner.storage import GitRepository
+
 from peftflow import tracking
 from peftflow.pipeline import Project
 
@@ -36,11 +46,11 @@ class ServeError(RuntimeError):
 
 
 def deployments(project: Project) -> list:
-    """``experiment``, ``compare``, ``nightly-retrain`` and ``rlhf``, each defaulting to ``project``."""
+    """``experiment``, ``compare``, ``sweep``, ``nightly-retrain`` and ``rlhf``, each defaulting to ``project``."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.pipeline import compare, experiment, nightly_retrain
+    from flows.pipeline import compare, experiment, nightly_retrain, sweep
     from flows.rlhf import rlhf
 
     nightly = project.params(None).nightly
@@ -50,6 +60,7 @@ def deployments(project: Project) -> list:
     return [
         experiment.to_deployment(name="experiment", **common),
         compare.to_deployment(name="compare", **common),
+        sweep.to_deployment(name="sweep", **common),
         nightly_retrain.to_deployment(
             name="nightly-retrain",
             **common,
@@ -59,6 +70,98 @@ def deployments(project: Project) -> list:
         ),
         rlhf.to_deployment(name="rlhf", **common),
     ]
+
+
+class ProjectSource(GitRepository):
+    """Where a worker gets a flow run's project: a clone of the repository at the commit (Prefect's
+    git step), then ``dvc pull`` of the data (outputs missing from the remote are rebuilt by the
+    flow's ``dvc repro``); the clone is the run's working directory."""
+
+    def to_pull_step(self) -> list[dict]:
+        clone = super().to_pull_step()
+        clone["prefect.deployments.steps.git_clone"]["id"] = "clone"
+        here = "{{ clone.directory }}"
+        return [
+            clone,
+            {"prefect.deployments.steps.run_shell_script": {
+                "directory": here, "script": "dvc pull --allow-missing", "stream_output": True}},
+            {"prefect.deployments.steps.set_working_directory": {"directory": here}},
+        ]  # fmt: skip
+
+
+def _git(root: Path, *args: str) -> str | None:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def pool_source(project: Project, repo: str | None) -> tuple[str, str]:
+    """(repository URL, commit) the workers clone; one-line errors for what they could not clone or pull."""
+    from peftflow.versioning import default_remote, git_dirty
+
+    root = project.root
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        raise ServeError(f"{root}: not a git repository with a commit; workers clone the project from git")
+    if git_dirty(root):
+        raise ServeError(
+            f"{root}: uncommitted changes; workers clone commit {commit[:12]}: commit (and push) them first"
+        )
+    url = repo or _git(root, "remote", "get-url", "origin")
+    if not url:
+        raise ServeError(f"{root}: no git remote 'origin'; give --repo URL, a repository the workers can clone")
+    remote = default_remote(root)
+    if remote is None or ("://" not in remote[1] and not Path(remote[1]).is_absolute()):
+        found = f"{remote[0]!r} is {remote[1]}, a path inside each clone" if remote else "none is set"
+        raise ServeError(
+            f"DVC remote: {found}; workers `dvc pull` the data from the default remote: "
+            f"`dvc remote add -d NAME s3://BUCKET/PATH` (or an absolute path they share), then commit .dvc/config"
+        )
+    return url, commit
+
+
+def worker_tracking_uri(project: Project, ui: str | None) -> str:
+    """The MLflow store a worker logs to: the configured one, or the server ``serve`` started."""
+    params = project.params(None)
+    configured = params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    if ui is None:
+        raise ServeError(
+            "tracking.uri: null (the project's own mlflow.db): a worker runs in a fresh clone and would log to a "
+            "store of its own; set tracking.uri to an MLflow tracking server, or let serve start one (--mlflow-port)"
+        )
+    return ui
+
+
+def to_work_pool(project: Project, pool: str, limit: int, repo: str | None, ui: str | None) -> list[str]:
+    """The deployments in work pool ``pool`` (a process pool, created if missing; its concurrency
+    limit ``limit``), with the pull steps; their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    url, commit = pool_source(project, repo)
+    env = {"MLFLOW_TRACKING_URI": worker_tracking_uri(project, ui)}
+    if ui:
+        env["PEFTFLOW_MLFLOW_UI_URL"] = ui
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=limit))
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template,
+                                                   concurrency_limit=limit))  # fmt: skip
+    # in the clone, the project is the working directory: no path of this machine in the deployment
+    here = project.model_copy(update={"root": Path(".")})
+    names = []
+    for deployment in deployments(here):
+        deployment.storage = ProjectSource(url=url, commit_sha=commit)
+        deployment.job_variables = {"env": env}
+        deployment.apply(work_pool_name=pool)
+        names.append(f"{deployment.flow_name}/{deployment.name}")
+    return names
 
 
 def _port_free(port: int) -> bool:
@@ -157,8 +260,11 @@ def serve(
     database_url: str | None = None,
     mlflow_port: int = 5000,
     limit: int = 1,
+    work_pool: str | None = None,
+    repo: str | None = None,
 ) -> None:
-    """Start what is missing (Prefect server unless ``api_url``, MLflow UI), then serve until stopped."""
+    """Start what is missing (Prefect server unless ``api_url``, MLflow UI), then serve until stopped;
+    with ``work_pool``, send the deployments to that pool for its workers instead."""
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
@@ -182,4 +288,13 @@ def serve(
             os.environ["PREFECT_UI_URL"] = ui_url
             if ui:
                 os.environ["PEFTFLOW_MLFLOW_UI_URL"] = ui  # links in the runs' artifacts
+            if work_pool:
+                names = to_work_pool(project, work_pool, limit, repo, ui)
+                print(f"deployments {', '.join(names)} in work pool {work_pool!r} (at most {limit} runs at once)")
+                print(f"run them with: PREFECT_API_URL={api_url} prefect worker start --pool {work_pool}", flush=True)
+                if stack._exit_callbacks:  # servers of ours: keep them up for the workers until stopped
+                    with contextlib.suppress(KeyboardInterrupt):
+                        while True:
+                            time.sleep(3600)
+                return
             prefect_serve(*deployments(project), limit=limit)

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from peftflow.pipeline import DataVersion, Project
 from peftflow.rlhf import stages
-from tasks.pipeline import _prefect_tags
+from tasks.pipeline import prefect_tags
 
 
 @task(name="rlhf-prepare-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)  # dvc repro is idempotent
@@ -23,7 +23,7 @@ def prepare_data(project: Project) -> DataVersion:
 def run_stage(
     project: Project, stage: str, data_version: DataVersion, inputs: dict[str, stages.StageResult], force: bool
 ) -> stages.StageResult:
-    result = stages.run_stage(project, stage, data_version, inputs, _prefect_tags(), force)
+    result = stages.run_stage(project, stage, data_version, inputs, prefect_tags(), force)
     how = "reused (same params, data and inputs)" if result.reused else f"trained in MLflow run {result.run_id}"
     get_run_logger().info("%s: %s version %s %s", stage, result.model_name, result.version, how)
     return result

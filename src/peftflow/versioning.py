@@ -67,12 +67,14 @@ def _repo(root: Path) -> Iterator:
 
 
 def repro(root: Path, targets: list[str]) -> list[str]:
-    """``dvc repro`` the targets; the names of the stages that actually ran (empty: all cached)."""
+    """``dvc repro`` the targets; the names of the stages that actually ran (empty: all cached).
+    Outputs missing here are pulled from the remote, and a stage whose data is missing (a fresh
+    clone without the raw data) but is otherwise unchanged is skipped: ``--pull --allow-missing``."""
     from dvc.exceptions import DvcException
 
     with _repo(root) as repo:
         try:
-            stages = repo.reproduce(targets=targets)
+            stages = repo.reproduce(targets=targets, pull=True, allow_missing=True)
         except DvcException as e:
             raise VersioningError(f"dvc repro {' '.join(targets)}: {_one_line(e)}") from None
     return [s.addressing for s in stages]
