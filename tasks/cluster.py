@@ -25,29 +25,22 @@ def task_runner(runner: RunnerParams, root: str) -> Any:
     (and GPUs), or the cluster at ``address``, which gets the project folder as its working directory."""
     if runner.kind == "process":
         return ThreadPoolTaskRunner(max_workers=1)
-    if runner.kind == "ray":
-        from prefect_ray import RayTaskRunner
+    from prefect_ray import RayTaskRunner
 
-        init: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
-        if runner.address is None:
-            init["num_cpus"] = os.cpu_count()
-        else:
-            init["address"] = runner.address
-            # the project (code, params, dvc.yaml) as each worker's working directory; data comes by DVC hash
-            excludes = [".venv", ".git", "runs", "mlruns", "mlartifacts", "mlflow.db", "data", "models", "reports",
-                        ".dvc/cache", "dvcstore"]  # fmt: skip
-            init["runtime_env"] = {"working_dir": root, "excludes": excludes}
-        return RayTaskRunner(init_kwargs=init)
-    from prefect_dask import DaskTaskRunner
-
-    if runner.address:
-        return DaskTaskRunner(address=runner.address)
-    workers = max(1, (os.cpu_count() or 1) // (runner.cpus_per_run or 1))
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    init: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
+    if runner.address is None:
+        init["num_cpus"] = os.cpu_count()
+    else:
+        init["address"] = runner.address
+        # the project (code, params, dvc.yaml) as each worker's working directory; data comes by DVC hash
+        excludes = [".venv", ".git", "runs", "mlruns", "mlartifacts", "mlflow.db", "data", "models", "reports",
+                    ".dvc/cache", "dvcstore"]  # fmt: skip
+        init["runtime_env"] = {"working_dir": root, "excludes": excludes}
+    return RayTaskRunner(init_kwargs=init)
 
 
 def threads(runner: RunnerParams) -> int | None:
-    """torch's CPU threads in each run: the CPUs Ray or Dask reserved for it; all cores for ``process``."""
+    """torch's CPU threads in each run: the CPUs Ray reserved for it; all cores for ``process``."""
     return runner.cpus_per_run if runner.kind == "process" else (runner.cpus_per_run or 1)
 
 
@@ -67,9 +60,6 @@ def _resources(runner: RunnerParams, job: Job):
         from prefect_ray.context import remote_options
 
         return remote_options(**_ray_options(runner, job.project.params(job.method).distributed.num_processes))
-    if runner.kind == "dask":
-        from prefect_dask import get_dask_client  # noqa: F401 - resources are the workers' slots
-
     return nullcontext()
 
 
@@ -120,12 +110,10 @@ def capacity(runner: RunnerParams, processes: int = 1) -> int:
         return 1
     if runner.max_parallel:
         return runner.max_parallel
-    if runner.kind == "ray":
-        import ray
+    import ray
 
-        total, options = ray.cluster_resources(), _ray_options(runner, processes)
-        fits = [total.get("CPU", 0) // options["num_cpus"]]
-        if options["num_gpus"]:
-            fits.append(total.get("GPU", 0) // options["num_gpus"])
-        return max(1, int(min(fits)))
-    return max(1, (os.cpu_count() or 1) // (runner.cpus_per_run or 1))
+    total, options = ray.cluster_resources(), _ray_options(runner, processes)
+    fits = [total.get("CPU", 0) // options["num_cpus"]]
+    if options["num_gpus"]:
+        fits.append(total.get("GPU", 0) // options["num_gpus"])
+    return max(1, int(min(fits)))

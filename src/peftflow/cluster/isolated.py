@@ -3,7 +3,7 @@ segfault in a kernel, ``kill -9``) ends that process only, and comes back as an 
 that says what happened, not as a dead caller.
 
 Written by hand on :mod:`multiprocessing`'s fork server, because what the libraries offer does not
-contain a crash and start fast at once: a Prefect task, a Ray task or a Dask task runs in its worker
+contain a crash and start fast at once: a Prefect task or a Ray task runs in its worker
 process (a run killed there takes the worker and its other tasks with it, and Ray retries it), and
 a plain ``python -m`` subprocess per run imports torch, transformers, peft and MLflow again each
 time (14 s on 2 cores). The fork server imports them once, before it has started any thread; each

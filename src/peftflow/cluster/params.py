@@ -7,7 +7,6 @@ runner decides how many run at once and on which machines:
 - ``ray``: Prefect's Ray task runner; a local Ray cluster started for the flow (``address: null``),
   or an existing one (``auto``: the cluster this machine belongs to; ``ray://HOST:10001``). Each run
   asks Ray for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs, so runs never share a device.
-- ``dask``: Prefect's Dask task runner; a local Dask cluster, or the scheduler at ``address``.
 
 Threads are refused: model loading, seeding, accelerate's state and the peak-memory counters are
 process-wide, so two trainings in one process corrupt each other.
@@ -26,14 +25,14 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from peftflow.schema import Strict
 
-KINDS = ("process", "ray", "dask")
+KINDS = ("process", "ray")
 
 
 class RunnerParams(Strict):
-    kind: Literal["process", "ray", "dask"] = "process"
-    # ray: null starts a local cluster for the flow; "auto", or "ray://HOST:10001"; dask: "tcp://HOST:8786"
+    kind: Literal["process", "ray"] = "process"
+    # null starts a local Ray cluster for the flow; "auto" (the cluster this machine is in), or "ray://HOST:10001"
     address: str | None = None
-    cpus_per_run: int | None = Field(None, ge=1)  # null: 1 on ray/dask (and 1 torch thread), all cores on process
+    cpus_per_run: int | None = Field(None, ge=1)  # null: 1 on ray (and 1 torch thread), all cores on process
     gpus_per_run: float | None = Field(None, ge=0)  # null: distributed.num_processes if the cluster has GPUs, else 0
     max_parallel: int | None = Field(None, ge=1)  # runs at once; null: as many as the cluster's resources fit
 
@@ -61,7 +60,7 @@ class RunnerParams(Strict):
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is not None and value != "auto" and not urlparse(value).hostname:
-            raise ValueError(f"{value!r}: expected auto, ray://HOST:PORT (Ray) or tcp://HOST:PORT (Dask)")
+            raise ValueError(f"{value!r}: expected auto or ray://HOST:PORT")
         return value
 
 
