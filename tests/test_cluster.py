@@ -184,3 +184,19 @@ def test_a_sweep_refuses_a_key_that_is_not_a_param(project):
     none = Project(root=project, overrides=["train.eval_every=0"])
     with pytest.raises(ParamsError, match=r"train.eval_every: 0: a sweep scores each trial at its periodic"):
         sweep.plan(none, data)
+
+
+def test_a_run_on_a_machine_without_the_data_fetches_it_by_its_dvc_hash(project, tmp_path):
+    from peftflow import data, pipeline
+    from peftflow.cluster.jobs import Job, here
+    from tests.project import commit, run
+
+    version = pipeline.prepare_data(Project(root=project))  # prepared and pushed to the DVC remote
+    commit(project, "prepared")
+    clone = tmp_path / "worker"  # another machine: the project from git, no data, the same DVC remote
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run([f"{BIN}/dvc", "remote", "modify", "local", "url", str(project / "dvcstore")], clone)
+    assert not (clone / version.out_dir).exists()
+    job = here(Job(project=Project(root=clone).frozen(), method="lora", data_version=version))
+    assert data.read_manifest(clone / job.data_version.out_dir)["version"] == version.version
+    assert job.data_version.out_dir != version.out_dir  # restored beside the workspace's, by hash
