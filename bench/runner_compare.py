@@ -54,9 +54,7 @@ def main() -> None:
         figures[kind] = {"wall_s": round(wall, 1), "metrics": metrics, "overlapping_run_pairs": overlap}
         print(json.dumps({"runner": kind, "methods": methods, "token_budget": budget, **figures[kind]}), flush=True)
     seq, ray = figures["process"], figures["ray"]
-    diff = max(
-        abs((seq["metrics"][m][k] or 0) - (ray["metrics"][m][k] or 0)) for m in seq["metrics"] for k in QUALITY
-    )
+    diff = max(abs((seq["metrics"][m][k] or 0) - (ray["metrics"][m][k] or 0)) for m in seq["metrics"] for k in QUALITY)
     print(json.dumps({"summary": f"ray / sequential wall time {ray['wall_s'] / seq['wall_s']:.2f}",
                       "largest_metric_difference": diff, "cpus": os.cpu_count()}))  # fmt: skip
 

@@ -21,7 +21,7 @@ from peftflow.methods import DEFAULT as DEFAULT_METHOD
 from peftflow.methods import MethodParams, get_method, method_names
 from peftflow.rlhf.params import RlhfParams
 from peftflow.schema import FIGURES, Strict, affects, fingerprint, flatten, operational
-from peftflow.sweep import SweepParams
+from peftflow.sweep_params import SweepParams
 
 __all__ = ["Params", "ParamsError", "fingerprint", "flatten", "load_params", "merge_files", "read_resolved"]
 
