@@ -274,7 +274,7 @@ def sweep(
         )
         before = steps.champion(best)
         results, failed = _each_method([plan.method], data, best)
-        steps.publish(best, "sweep", f"trained the best of the {plan.method} sweep", data, results, before,
+        steps.publish(best, "sweep-best", f"trained the best of the {plan.method} sweep", data, results, before,
                       steps.champion(best))  # fmt: skip
         _fail_if(failed, 1)
         report["trained"] = results[0]

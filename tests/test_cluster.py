@@ -142,7 +142,7 @@ def test_a_sweep_writes_the_best_params_and_one_child_run_per_trial(project, har
     space = '{"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": true}, "method.r": {"choices": [2, 8]}}'
     overrides = [f"sweep.space={space}", "sweep.startup_trials=2", "sweep.metric=val_loss", "train.max_steps=8",
                  "train.eval_every=2"]  # fmt: skip
-    report = sweep("lora", n_trials=5, project=Project(root=project, overrides=overrides))
+    report = sweep("lora", n_trials=5, train_best=True, project=Project(root=project, overrides=overrides))
 
     client = _client(project)
     parent = client.get_run(report["parent_run_id"])
@@ -169,9 +169,14 @@ def test_a_sweep_writes_the_best_params_and_one_child_run_per_trial(project, har
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
         "sweep/best.yaml", "sweep/trials.csv", "sweep/sweep.md"}  # fmt: skip
 
-    # the best params apply as overrides: the run they make is the best trial's run again
-    again = Project(root=project, overrides=[f"{k}={v}" for k, v in best["params"].items()]).params("lora")
-    assert (again.train.lr, again.method.r) == (best["params"]["train.lr"], best["params"]["method.r"])
+    # --train-best: the best params trained through the experiment path, scored on test and registered
+    trained = report["trained"]
+    final = client.get_run(trained["run_id"])
+    assert float(final.data.params["train.lr"]) == best["params"]["train.lr"]
+    assert final.data.params["method.r"] == str(best["params"]["method.r"])
+    assert "test_accuracy" in final.data.metrics and "mlflow.parentRunId" not in final.data.tags
+    (version,) = client.search_model_versions(f"run_id = '{trained['run_id']}'")
+    assert str(version.version) == trained["version"]
 
 
 def test_a_sweep_refuses_a_key_that_is_not_a_param(project):

@@ -68,16 +68,17 @@ def _repo(root: Path) -> Iterator:
 
 def repro(root: Path, targets: list[str]) -> list[str]:
     """``dvc repro`` the targets; the names of the stages that actually ran (empty: all cached).
-    Outputs missing here are pulled from the remote (``--pull``). In a fresh clone that lacks a
-    stage's input (the raw data is not in git), a stage that is otherwise unchanged is skipped
-    (``--allow-missing``) instead of failing: its outputs come from the remote."""
+    In a fresh clone that lacks a stage's input (the raw data is not in git), a stage that is
+    otherwise unchanged is skipped (``--allow-missing``) instead of failing: its outputs come from
+    the remote (``dvc pull``). Not ``--pull``: it counts an uncached output (``base_model``'s) as
+    pulled without rebuilding it."""
     from dvc.exceptions import DvcException
 
     with _repo(root) as repo:
         try:
             stages = [s for t in targets for s in repo.stage.collect(t, with_deps=True)]
             absent = any(not dep.exists for s in stages for dep in s.deps)
-            stages = repo.reproduce(targets=targets, pull=True, allow_missing=absent)
+            stages = repo.reproduce(targets=targets, allow_missing=absent)
         except DvcException as e:
             raise VersioningError(f"dvc repro {' '.join(targets)}: {_one_line(e)}") from None
     return [s.addressing for s in stages]
