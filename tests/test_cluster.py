@@ -205,3 +205,34 @@ def test_a_run_on_a_machine_without_the_data_fetches_it_by_its_dvc_hash(project,
     job = here(Job(project=Project(root=clone).frozen(), method="lora", data_version=version))
     assert data.read_manifest(clone / job.data_version.out_dir)["version"] == version.version
     assert job.data_version.out_dir != version.out_dir  # restored beside the workspace's, by hash
+
+
+def test_a_run_ends_when_the_process_that_started_it_is_killed():
+    import subprocess
+    import sys
+
+    from tests.test_serve import _descendants
+
+    code = "import time; from peftflow.cluster import isolated; isolated.call(time.sleep, 600)"
+    caller = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 240
+        while len(_descendants(caller.pid)) < 3:  # the caller, its fork server, the run
+            assert caller.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        below = _descendants(caller.pid) - {caller.pid}
+        caller.kill()  # no cleanup in the caller: kill -9
+        caller.wait()
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in below):
+            assert time.monotonic() < deadline, f"still running: {below}"
+            time.sleep(0.2)
+    finally:
+        caller.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

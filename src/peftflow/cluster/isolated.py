@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,19 @@ def crash_reason(exitcode: int | None) -> str:
     return f"the run's process exited with code {exitcode} before it reported a result"
 
 
-def _child(conn, env: dict[str, str], cwd: str, threads: int | None, fn: Callable, args: tuple) -> None:
+def _exit_with(caller_alive) -> None:
+    """End this process when the caller is gone (killed, or stopped without cleaning up): a run
+    nobody waits for would hold its device until it finished."""
+    try:
+        caller_alive.recv()
+    except (EOFError, OSError):
+        os._exit(70)
+
+
+def _child(
+    conn, alive, env: dict[str, str], cwd: str, threads: int | None, fn: Callable, args: tuple
+) -> None:  # fmt: skip
+    threading.Thread(target=_exit_with, args=(alive,), daemon=True, name="caller-watch").start()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -79,9 +92,12 @@ def call(fn: Callable, *args: Any, threads: int | None = None, name: str = "peft
     ``threads``: torch's CPU threads there. Interrupting the caller terminates the child."""
     ctx = _context()
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(sender, dict(os.environ), os.getcwd(), threads, fn, args), name=name)
+    alive_r, alive_w = ctx.Pipe(duplex=False)  # the caller holds the writer: its death is an EOF there
+    child_args = (sender, alive_r, dict(os.environ), os.getcwd(), threads, fn, args)
+    proc = ctx.Process(target=_child, args=child_args, name=name)
     proc.start()
     sender.close()  # the child holds the only writer: its death is an EOF here
+    alive_r.close()
     try:
         try:
             message = receiver.recv()
@@ -96,8 +112,9 @@ def call(fn: Callable, *args: Any, threads: int | None = None, name: str = "peft
             proc.join()
         raise
     finally:
-        with contextlib.suppress(OSError):
-            receiver.close()
+        for end in (receiver, alive_w):
+            with contextlib.suppress(OSError):
+                end.close()
     if message is None:
         return Outcome(error=crash_reason(proc.exitcode), error_type="Crashed", exitcode=proc.exitcode)
     if message[0] == "ok":
