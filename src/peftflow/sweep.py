@@ -40,8 +40,9 @@ def distributions(sweep: SweepParams) -> dict[str, Any]:
     import optuna.distributions as d
 
     out: dict[str, Any] = {}
+    dims = sweep.dimensions()
     for key, spec in sweep.space.items():
-        dim = sweep.dimensions()[key]
+        dim = dims[key]
         if dim.choices is not None:
             out[key] = d.CategoricalDistribution(dim.choices)
         elif _is_int(spec) and (dim.step is None or float(dim.step).is_integer()):

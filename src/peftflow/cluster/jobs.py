@@ -77,13 +77,16 @@ def check_runner(project: Project, sweep_storage: str | None = None) -> None:
         raise ParamsError(str(e)) from None
 
 
+def _located(project: Project) -> Project:
+    """The project on this machine: its folder, or (a worker's copy) the current folder."""
+    return project if project.root.exists() else project.at(Path.cwd())
+
+
 def here(job: Job) -> Job:
     """The job as it runs on this machine: a project folder that is not here (a Ray worker's copy
     of the project, in its working directory) becomes the current folder, and data that is not
     here (or not this version) is restored by its DVC hash from the cache or the DVC remote."""
-    project, version = job.project, job.data_version
-    if not project.root.exists():
-        project = project.at(Path.cwd())
+    project, version = _located(job.project), job.data_version
     folder = project.root / version.out_dir
     found = data.read_manifest(folder)["version"] if (folder / "manifest.json").exists() else None
     if found != version.version:
@@ -131,7 +134,7 @@ def run(job: Job) -> JobResult:
 
 def _end_orphans(job: Job, reason: str) -> str | None:
     """The MLflow run of a failed job, if it got that far; FAILED if its process left it RUNNING."""
-    project = job.project if job.project.root.exists() else job.project.at(Path.cwd())
+    project = _located(job.project)
     try:
         client, experiment_id = tracking.connect(project.params(None), project.root)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.key}'")
