@@ -2,8 +2,9 @@
 
 A peft method saves only its adapter (weights + config, through peft's save_pretrained), a method
 that trains the base's own weights saves the whole model, and hand-written methods override the
-contract's ``save``/``load``. Every artifact carries ``peftflow.json`` (method name and params),
-so it describes itself. Saves are atomic: the folder appears under its name only once every file is written.
+contract's ``save``/``load``. Every artifact carries ``peftflow.json`` (method name and params,
+and the SHA-256 of every file the method wrote, checked before loading), so it describes itself.
+Saves are atomic: the folder appears under its name only once every file is written.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from peftflow import checksums
 from peftflow.atomic import atomic_dir
 from peftflow.methods import Method, MethodParams, get_method, mergeable_names
 
@@ -24,24 +26,41 @@ MANIFEST = "peftflow.json"
 def save(model, method: Method, out_dir: Path, params: MethodParams) -> Path:
     with atomic_dir(out_dir) as tmp:
         method.save(model, tmp)
-        manifest = {"method": method.name, "params": params.model_dump(mode="json")}
+        manifest = {"method": method.name, "params": params.model_dump(mode="json"), "sha256": checksums.digests(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
 
 
 def read_manifest(out_dir: Path) -> tuple[Method, MethodParams]:
-    path = Path(out_dir) / MANIFEST
+    method, params, _ = _manifest(Path(out_dir))
+    return method, params
+
+
+def _manifest(out_dir: Path) -> tuple[Method, MethodParams, dict[str, str]]:
+    path = out_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir}: no trained artifact (a finished run writes model/ with {MANIFEST})")
-    info = json.loads(path.read_text())
-    method = get_method(info["method"])
-    return method, method.Params.model_validate(info["params"])
+    try:
+        info = json.loads(path.read_text())
+        method = get_method(info["method"])
+        return method, method.Params.model_validate(info["params"]), info.get("sha256", {})
+    except (ValueError, KeyError, TypeError) as e:
+        raise checksums.CorruptError(
+            f"{path}: not a peftflow artifact manifest ({' '.join(str(e).split())[:200]})"
+        ) from None
+
+
+def verify(out_dir: Path) -> None:
+    """Raise :class:`peftflow.checksums.CorruptError` naming the files that differ from when the
+    artifact was saved (artifacts saved before digests were recorded pass)."""
+    checksums.verify(Path(out_dir), _manifest(Path(out_dir))[2], "trained artifact")
 
 
 def load(base: PreTrainedModel, out_dir: Path, adapter_name: str = "default") -> PreTrainedModel:
     """The trained model: base + the saved artifact (a whole saved model replaces ``base``)."""
     out_dir = Path(out_dir)
-    method, params = read_manifest(out_dir)
+    method, params, expected = _manifest(out_dir)
+    checksums.verify(out_dir, expected, "trained artifact")
     own = method.load(base, out_dir, params)
     if own is not None:
         return own

@@ -175,6 +175,18 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 def read_split(out_dir: Path, name: str) -> list[dict[str, str]]:
-    read_manifest(out_dir)  # refuse half-written data
-    lines = (Path(out_dir) / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
-    return [json.loads(line) for line in lines if line]
+    """One split's examples, refused if the folder is half-written or the file is not the one its
+    manifest's data version was computed from (edited, or swapped by a concurrent ``prepare``)."""
+    return read_checked(Path(out_dir), name, read_manifest(out_dir))
+
+
+def read_checked(out_dir: Path, name: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """``<out_dir>/<name>.jsonl``, checked against the SHA-256 that ``manifest`` lists for it."""
+    path = out_dir / f"{name}.jsonl"
+    body = path.read_bytes() if path.is_file() else b""
+    if hashlib.sha256(body).hexdigest() != manifest["files"][name]["sha256"]:
+        raise DataError(
+            f"{path}: {'changed' if path.is_file() else 'missing'} since data version {manifest['version']} was "
+            f"prepared; prepare the data again (`dvc repro`, `peftflow prepare` or `peftflow rlhf prepare`)"
+        )
+    return [json.loads(line) for line in body.decode("utf-8").split("\n") if line]

@@ -9,6 +9,7 @@ hub ids resolve from the local Hugging Face cache only.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -89,6 +90,27 @@ def resolve_checkpoint(params: ModelParams) -> str:
             )
         return str(path)
     return params.name_or_path  # a hub id: must already be in the local cache (local_files_only below)
+
+
+def weights_identity(params: ModelParams) -> str:
+    """A digest that changes when the base model's files do (a checkpoint trained on other weights
+    must not resume over these): each file's name and size with the SHA-256 of its first and last
+    MiB, so a multi-GB model costs milliseconds. A hub id in the local cache is its snapshot folder."""
+    source = Path(resolve_checkpoint(params))
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(str(source), local_files_only=True))
+    h = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(source).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def _not_found(params: ModelParams, e: OSError) -> FileNotFoundError:

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from peftflow import data, tracking
+from peftflow import checksums, data, tracking
 from peftflow.atomic import atomic_dir
 from peftflow.config import Params, read_resolved
 from peftflow.promote import Decision, decide
@@ -155,12 +155,27 @@ def promote(client: MlflowClient, root: Path, params: Params, version: str) -> D
 
 
 def fetched(client: MlflowClient, version, root: Path, params: Params) -> Path:
-    """A local copy of a version's files, under ``<train.output_dir>/registry/``; downloaded once
-    (versions never change), atomically."""
+    """A local copy of a version's files, under ``<train.output_dir>/registry/``: downloaded once
+    (versions never change), atomically, and checked against the digests saved with the artifact;
+    a cached copy that no longer matches is fetched again, a stored one that does not is an error."""
+    from peftflow import artifacts
+
     dst = Path(root) / params.train.output_dir / "registry" / f"{version.name}-v{version.version}"
-    if not (dst / "peftflow.json").is_file():
-        with atomic_dir(dst) as tmp:
-            download(client, version, tmp)
+    if (dst / "peftflow.json").is_file():
+        try:
+            artifacts.verify(dst)
+            return dst
+        except checksums.CorruptError as e:
+            log.warning("%s; fetching it again", e)
+    with atomic_dir(dst) as tmp:
+        download(client, version, tmp)
+        try:
+            artifacts.verify(tmp)
+        except checksums.CorruptError as e:
+            raise tracking.TrackingError(
+                f"{version.name} version {version.version}: the stored artifact ({version.source}) is corrupt: "
+                f"{str(e).split(': ', 2)[-1]}"
+            ) from None
     return dst
 
 

@@ -286,6 +286,8 @@ def load_training_state(model, optimizer, accelerator: Accelerator, ckpt: Path) 
             options=StateDictOptions(strict=False),
         )  # fmt: skip
     else:
-        load_trainable_state(model, accelerator, torch.load(ckpt / "trainable.pt", weights_only=True))
-        optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        from peftflow.training.checkpoint import read
+
+        load_trainable_state(model, accelerator, read(ckpt / "trainable.pt"))
+        optim = read(ckpt / "optimizer.pt")
         set_optimizer_state_dict(model, inner, optim, options=StateDictOptions(full_state_dict=True))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from peftflow.atomic import atomic_dir
-from peftflow.data import DataError, read_pang_lee, read_rows
+from peftflow.data import DataError, read_checked, read_pang_lee, read_rows
 from peftflow.rlhf.params import RlhfData
 
 FILES = (
@@ -181,5 +181,4 @@ def read(out_dir: Path, name: str) -> list[dict[str, str]]:
     """One file of prepared RLHF data, e.g. ``pairs/train``; refuses half-written data."""
     if not (Path(out_dir) / "manifest.json").is_file():
         raise DataError(f"{out_dir}/manifest.json: no prepared RLHF data; run `peftflow rlhf prepare` first")
-    lines = (Path(out_dir) / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
-    return [json.loads(line) for line in lines if line]
+    return read_checked(Path(out_dir), name, json.loads((Path(out_dir) / "manifest.json").read_text()))

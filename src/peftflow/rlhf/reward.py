@@ -11,6 +11,8 @@ checkpoints as SFT), so it is seeded, normalized and resumed the same way.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -26,7 +28,7 @@ from transformers import set_seed
 
 from peftflow import artifacts
 from peftflow.atomic import atomic_dir
-from peftflow.config import Params, fingerprint
+from peftflow.config import Params
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
 from peftflow.rlhf import policy
@@ -36,7 +38,7 @@ from peftflow.training import checkpoint
 from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
 from peftflow.training.optim import make_optimizer, make_scheduler, mixed_precision, optimizer_step
 from peftflow.training.sampler import Sampler
-from peftflow.training.sft import build_model
+from peftflow.training.sft import build_model, resume_fingerprint
 
 log = logging.getLogger(__name__)
 HEAD_FILE = "score_head.safetensors"
@@ -141,7 +143,14 @@ def train(
     backbone = lambda: accelerator.unwrap_model(model).backbone  # noqa: E731  (what the method's hooks act on)
 
     ckpt_root = Path(out_dir).parent / "checkpoints"
-    state = {"step": 0, "history": [], "evals": [], "train_seconds": 0.0, "params": fingerprint(params)}
+    pairs_version = hashlib.sha256(json.dumps([pairs, heldout], sort_keys=True).encode()).hexdigest()[:12]
+    state = {
+        "step": 0,
+        "history": [],
+        "evals": [],
+        "train_seconds": 0.0,
+        "params": resume_fingerprint(params, pairs_version),
+    }
     ckpt = checkpoint.latest(ckpt_root)
     if ckpt is not None:
         unwrapped = accelerator.unwrap_model(model)

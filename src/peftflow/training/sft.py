@@ -31,7 +31,7 @@ from peftflow.config import Params, fingerprint, save_params
 from peftflow.distributed import launch, strategy
 from peftflow.evaluate import validation
 from peftflow.methods import get_method
-from peftflow.model import load_base_for, load_tokenizer
+from peftflow.model import load_base_for, load_tokenizer, weights_identity
 from peftflow.results import TrainSummary
 from peftflow.tokens import collate, completion_loss_sum, completion_tokens, encode
 from peftflow.training import checkpoint
@@ -46,8 +46,9 @@ Callback = Callable[[dict[str, float], int], None]  # (metrics, step), e.g. to l
 
 def resume_fingerprint(params: Params, data_version: str) -> dict:
     """What a checkpoint must have been made with to be resumed: the params that change the
-    trained model (declared in the schema) and the data version it trained on."""
-    return {**fingerprint(params), "data.version": data_version}
+    trained model (declared in the schema), the data version it trained on and the base model's
+    files (the same ``model.name_or_path`` may hold other weights since)."""
+    return {**fingerprint(params), "data.version": data_version, "model.weights": weights_identity(params.model)}
 
 
 def build_model(params: Params) -> torch.nn.Module:
