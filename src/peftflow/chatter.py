@@ -1,4 +1,5 @@
-"""Library chatter that says nothing to a user, silenced in one place (the CLI and every worker)."""
+"""Library chatter that says nothing to a user, silenced in one place (the CLI and every worker);
+there too, URL credentials are masked in every log record (:func:`peftflow.secrets.mask_logs`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import warnings
 
 
 def quiet_libraries() -> None:
+    from peftflow.secrets import mask_logs
+
+    mask_logs()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -13,6 +13,7 @@ from typing import NoReturn, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from peftflow.chatter import quiet_libraries
 
@@ -33,8 +34,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def fail(message: str) -> NoReturn:
-    """One red line on stderr, exit code 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One red line on stderr (credentials in URLs masked), exit code 2."""
+    from peftflow.secrets import mask
+
+    err_console.print(f"[bold red]error:[/] {escape(mask(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from peftflow import secrets
 from peftflow.cluster.params import RunnerParams
 from peftflow.distributed.params import DistributedParams
 from peftflow.methods import DEFAULT as DEFAULT_METHOD
@@ -335,7 +336,7 @@ def _format(err: dict, prov: dict[tuple, str], model: type[BaseModel], prefix: t
 def validate(raw: dict[str, Any], prov: dict[tuple, str] | None = None) -> Params:
     """Validate a merged params dict; the method section goes to its method's own class."""
     prov = prov or {}
-    raw = copy.deepcopy(raw)
+    raw = secrets.stash_all(copy.deepcopy(raw))  # no password in a URL stays in params (peftflow.secrets)
     problems: list[str] = []
     method_raw = raw.get("method")
     if method_raw is not None and (not isinstance(method_raw, dict) or "name" not in method_raw):

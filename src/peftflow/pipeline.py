@@ -17,9 +17,9 @@ import logging
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from peftflow import data, registry, runs, tracking, versioning
+from peftflow import data, registry, runs, secrets, tracking, versioning
 from peftflow.config import Params, ParamsError, load_params, parse_override, snapshot, without_method
 from peftflow.promote import Decision
 from peftflow.training.sft import Callback
@@ -39,12 +39,23 @@ class Project(BaseModel):
         None, description="set by the flow at its start: the params files as they were then (leave empty)"
     )
 
+    @field_validator("overrides")
+    @classmethod
+    def _no_secrets_in_overrides(cls, value: list[str]) -> list[str]:
+        return [secrets.stash(v) for v in value]  # a flow's parameters must not show a password
+
+    @field_validator("files")
+    @classmethod
+    def _no_secrets_in_files(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else {k: secrets.stash(v) for k, v in value.items()}
+
     def frozen(self) -> Project:
         """This project with its params files read once, now: every later step of a flow run resolves
         its params from this snapshot, whatever happens to the files meanwhile."""
         if self.files is not None:
             return self
-        return self.model_copy(update={"files": snapshot(self.root / self.params_dir)})
+        files = {k: secrets.stash(v) for k, v in snapshot(self.root / self.params_dir).items()}
+        return self.model_copy(update={"files": files})  # (model_copy skips the validators)
 
     def at(self, root: Path) -> Project:
         """This project in another folder (a worker's copy of it), its params snapshot too."""

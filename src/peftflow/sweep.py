@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
+from peftflow import secrets
 from peftflow.sweep_params import OBJECTIVES, Dimension, SweepParams
 
 __all__ = ["OBJECTIVES", "Dimension", "SweepParams", "Plan", "TrialRef", "plan", "start", "finish"]
@@ -88,7 +89,7 @@ def storage(sweep: SweepParams, folder: Path):
     """The Optuna storage: ``sweep.storage``, else a journal file in ``folder`` (safe for trials in
     several processes on this machine)."""
     if sweep.storage:
-        return sweep.storage
+        return secrets.reveal(sweep.storage, "sweep.storage")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -149,7 +150,7 @@ class Reporter:
 
         if self._trial is None:
             ref = self.ref
-            store = ref.storage
+            store = secrets.reveal(ref.storage, "sweep.storage")
             if "://" not in store:
                 from optuna.storages import JournalStorage
                 from optuna.storages.journal import JournalFileBackend

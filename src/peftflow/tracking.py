@@ -27,6 +27,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from peftflow import secrets
 from peftflow.config import Params, flatten, read_resolved, save_params
 from peftflow.versioning import git_commit, git_dirty
 
@@ -53,9 +54,13 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri(params: Params, root: Path) -> str:
+    """The store: ``tracking.uri``, else $MLFLOW_TRACKING_URI, else the project's ``mlflow.db``;
+    without credentials (those go to MLflow's client through its environment variables)."""
     if params.tracking.uri:
-        return params.tracking.uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+        return secrets.mlflow_uri(params.tracking.uri, "tracking.uri")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return secrets.mlflow_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+    return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
 
 
 def connect(params: Params, root: Path) -> tuple[MlflowClient, str]:

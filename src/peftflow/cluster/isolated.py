@@ -47,7 +47,10 @@ def _context():
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The error as one line, with any credentials in URLs masked: it becomes a tag, a row, a log."""
+    from peftflow.secrets import mask
+
+    return mask(" ".join(str(error).split())) or type(error).__name__
 
 
 def crash_reason(exitcode: int | None) -> str:
@@ -75,6 +78,9 @@ def _child(
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    from peftflow.chatter import quiet_libraries
+
+    quiet_libraries()  # as in the caller: library chatter off, credentials masked in log records
     if threads:
         import torch
 
