@@ -120,11 +120,12 @@ def pool_source(project: Project, repo: str | None) -> tuple[str, str]:
 
 
 def worker_tracking_uri(project: Project, ui: str | None) -> str:
-    """The MLflow store a worker logs to: the configured one, or the server ``serve`` started."""
+    """The MLflow store a worker logs to: the configured one, or the server ``serve`` started;
+    without credentials (they would be stored in the pool's job variables): a worker's machine
+    holds its own MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."""
     params = project.params(None)
-    configured = params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if configured:
-        return configured
+    if params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return tracking.tracking_uri(params, project.root)
     if ui is None:
         raise ServeError(
             "tracking.uri: null (the project's own mlflow.db): a worker runs in a fresh clone and would log to a "
@@ -247,6 +248,60 @@ def mlflow_ui(project: Project, port: int, logs: Path) -> Iterator[str | None]:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # GenAI job workers: not used here
     with _process(cmd, env, logs / "mlflow-ui.log", f"{url}/health", "the MLflow UI"):
         yield url
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In a child before it runs: the kernel sends it SIGTERM when its parent dies (Linux)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def temporary_server() -> Iterator[None]:
+    """The temporary Prefect server a flow run needs when no Prefect API is configured: Prefect's
+    own (started on first use) outlives a parent killed with -9, so this one, started the same way,
+    is tied to this process by the kernel (Linux; elsewhere Prefect's own is used)."""
+    import tempfile
+
+    import prefect
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url or not sys.platform.startswith("linux"):
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    api = f"http://{LOOPBACK}:{port}/api"
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
+           "--factory", "prefect.server.api.server:create_app", "--host", LOOPBACK, "--port", str(port),
+           "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # fmt: skip
+    log = Path(tempfile.mkstemp(prefix="peftflow-prefect-server-", suffix=".log")[1])
+    print(f"Starting a temporary Prefect server on {api} (it stops with this process)", file=sys.stderr)
+    parent = os.getpid()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: _stop_with_parent(parent)
+        )
+    try:
+        _wait_healthy(f"{api}/health", proc, log, "the temporary Prefect server")
+        os.environ["PREFECT_API_URL"] = api  # for the run's processes (Ray workers, isolated runs)
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.unlink(missing_ok=True)
 
 
 def _interrupt(signum, frame) -> None:
