@@ -97,6 +97,15 @@ def compare(
     typer.echo(f"leaderboard (CSV, Markdown, HTML) and plots in {report['out_dir']}/")
 
 
+def _flow_run(flow, **kwargs):
+    """The flow run, its bad input one red line and exit code 2; with a temporary Prefect server that
+    stops with this process if no Prefect API is configured."""
+    from flows.serve import temporary_server
+
+    with temporary_server():
+        return run_or_exit(flow, **kwargs)
+
+
 def _runs_or_exit(flow, **kwargs):
     """Run a flow whose runs go to the runner: bad input (the runner's check included) is one red
     line and exit code 2; runs that failed (the others were registered) one line and exit code 1."""
@@ -104,7 +113,7 @@ def _runs_or_exit(flow, **kwargs):
 
     run_or_exit(check_runner, kwargs["project"])
     try:
-        return run_or_exit(flow, **kwargs)
+        return _flow_run(flow, **kwargs)
     except RunsFailed as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -181,7 +190,9 @@ def reproduce(
     from peftflow.pipeline import Project
 
     typer.echo(
-        json.dumps(flow(run_id=run_id, allow_code_change=allow_code_change, project=Project(root=root)), indent=2)
+        json.dumps(
+            _flow_run(flow, run_id=run_id, allow_code_change=allow_code_change, project=Project(root=root)), indent=2
+        )
     )
 
 
@@ -234,7 +245,7 @@ def rlhf(
             f"error: --force {', '.join(unknown)}: unknown stage; stages: {', '.join(STAGES)}", fg="red", err=True
         )
         raise typer.Exit(2)
-    results = [StageResult(**r) for r in flow(project=project, force=force or [])]
+    results = [StageResult(**r) for r in _flow_run(flow, project=project, force=force or [])]
     table = Table(title="rlhf (held-out prompts and pairs)", title_justify="left")
     for col in ("stage", "version", "how", "result"):
         table.add_column(col)

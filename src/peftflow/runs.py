@@ -7,6 +7,8 @@ artifact back from MLflow, so what is scored is exactly what gets registered.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -14,9 +16,20 @@ from peftflow import data, tracking
 from peftflow.config import Params
 from peftflow.evaluate import score_artifact
 from peftflow.results import TRAIN_METRICS, EvalResult
-from peftflow.training.sft import Callback, train
+from peftflow.training import checkpoint
+from peftflow.training.sft import Callback, resume_fingerprint, train
 
 log = logging.getLogger(__name__)
+
+
+RESUME_KEY = "peftflow.resume_key"
+
+
+def resume_key(params: Params, data_version: str) -> str:
+    """What two trainings share when one may continue the other: the digest of their resume
+    fingerprint (the params that change the model, the data version, the base weights)."""
+    fp = resume_fingerprint(params, data_version)
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def train_tracked(
@@ -26,20 +39,46 @@ def train_tracked(
     tags: dict[str, str] | None = None,
     callbacks: tuple[Callback, ...] = (),
 ) -> str:
-    """Train ``params.method`` in a new MLflow run; its id. ``params`` paths are relative to ``root``."""
+    """Train ``params.method`` in an MLflow run; its id. ``params`` paths are relative to ``root``.
+
+    Runs whose process died and left them RUNNING (a flow killed with -9, a machine that went down)
+    are not left so: one with the same resume key and a checkpoint in its run folder is continued
+    (the same MLflow run, from its newest valid checkpoint), the others are ended FAILED."""
     root = Path(root)
     local = params.rebased(root)
     manifest = data.read_manifest(local.data.out_dir)
-    run_tags = {**tracking.lineage(params, root, manifest, data_md5), **(tags or {})}
-    with tracking.tracked_run(params, root, params.method.name, run_tags) as run:
+    key = resume_key(local, manifest["version"])
+    run_tags = {**tracking.lineage(params, root, manifest, data_md5), **(tags or {}), RESUME_KEY: key}
+    resume = _interrupted_run(local, root, key)
+    with tracking.tracked_run(params, root, params.method.name, run_tags, resume=resume) as run:
         local.train.run_name = run.run_id  # the run folder is named after the MLflow run
-        tracking.log_datasets(run.client, run.run_id, params, manifest, data_md5)
-        summary = train(local, resume=False, callbacks=(run.metrics_logger(), *callbacks))
+        if resume is None:
+            tracking.log_datasets(run.client, run.run_id, params, manifest, data_md5)
+        summary = train(local, resume=resume is not None, callbacks=(run.metrics_logger(), *callbacks))
         run.log_metrics(summary.final_metrics(), summary.steps)
         run.log_artifact(local.run_dir / "train_summary.json")
         run.log_artifacts(local.run_dir / "model", "model")
     log.info("MLflow run %s: %s trained, artifact logged", run.run_id, params.method.name)
     return run.run_id
+
+
+def _interrupted_run(local: Params, root: Path, key: str) -> str | None:
+    """The interrupted run this training continues, if any; the other interrupted runs end FAILED."""
+    client, experiment_id = tracking.connect(local, root)
+    chosen = None
+    for run in tracking.interrupted(client, experiment_id):
+        ckpt = checkpoint.latest(local.train.output_dir / run.info.run_id / "checkpoints")
+        if chosen is None and run.data.tags.get(RESUME_KEY) == key and ckpt is not None:
+            chosen = run.info.run_id
+            client.set_tag(chosen, "peftflow.resumed_from", ckpt.name)
+            log.warning("MLflow run %s was interrupted: continuing it from %s", chosen, ckpt)
+        elif run.data.tags.get(RESUME_KEY) != key:
+            tracking.end_interrupted(client, run, "not this training's to continue (other params or data)")
+        else:
+            tracking.end_interrupted(
+                client, run, "no checkpoint to continue from" if ckpt is None else "a newer one is continued"
+            )
+    return chosen
 
 
 def evaluate_tracked(run_id: str, root: Path, params: Params) -> EvalResult:

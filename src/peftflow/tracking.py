@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -151,10 +152,55 @@ def log_datasets(client: MlflowClient, run_id: str, params: Params, manifest: di
     client.log_inputs(run_id, datasets=inputs)
 
 
+OWNER_TAGS = ("peftflow.host", "peftflow.pid", "peftflow.pid_started")
+
+
+def owner() -> dict[str, str]:
+    """Tags naming the process that holds a run RUNNING (its host, pid and the pid's start time,
+    so a reused pid is not taken for the same process)."""
+    import psutil
+
+    return dict(
+        zip(OWNER_TAGS, (socket.gethostname(), str(os.getpid()), f"{psutil.Process().create_time():.2f}"), strict=True)
+    )
+
+
+def owner_gone(tags: dict[str, str]) -> bool:
+    """Whether the process those tags name is certainly gone: it ran on this host and its pid is
+    dead or now another process. (A run from another host, or from before these tags, is not judged.)"""
+    import psutil
+
+    if tags.get("peftflow.host") != socket.gethostname() or "peftflow.pid_started" not in tags:
+        return False
+    try:
+        return f"{psutil.Process(int(tags['peftflow.pid'])).create_time():.2f}" != tags["peftflow.pid_started"]
+    except (psutil.NoSuchProcess, ValueError):
+        return True
+
+
+def interrupted(client: MlflowClient, experiment_id: str) -> list:
+    """The experiment's runs left RUNNING by a process of this host that is gone (killed, or its
+    machine went down mid-run)."""
+    found = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return [r for r in found if owner_gone(r.data.tags)]
+
+
+def end_interrupted(client: MlflowClient, run, reason: str) -> None:
+    """End a run its process left RUNNING: FAILED, with the reason as tag ``peftflow.failure``."""
+    tags = run.data.tags
+    why = f"interrupted: its process (pid {tags.get('peftflow.pid')} on {tags.get('peftflow.host')}) is gone; {reason}"
+    client.set_tag(run.info.run_id, "peftflow.failure", why[:5000])
+    client.set_terminated(run.info.run_id, "FAILED")
+    log.warning("MLflow run %s (%s) was left RUNNING: marked FAILED (%s)", run.info.run_id, run.info.run_name, reason)
+
+
 @contextlib.contextmanager
 def running(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """Mark the run RUNNING; FINISHED on success, FAILED (KILLED on Ctrl-C) if the block raises."""
+    """Mark the run RUNNING, held by this process (:func:`owner`); FINISHED on success, FAILED
+    (KILLED on Ctrl-C) if the block raises."""
     client.update_run(run_id, status="RUNNING")
+    for key, value in owner().items():
+        client.set_tag(run_id, key, value)
     try:
         yield
     except KeyboardInterrupt:
@@ -219,7 +265,8 @@ def start_run(
     """A new RUNNING run with ``tags`` and either ``params`` (flattened, and as ``params.yaml``) or,
     given, the flat ``logged`` values as its params. End it with :func:`end_run`."""
     client, experiment_id = connect(params, root)
-    run = TrackedRun(client, client.create_run(experiment_id, tags=tags, run_name=name).info.run_id, experiment_id)
+    created = client.create_run(experiment_id, tags={**tags, **owner()}, run_name=name)
+    run = TrackedRun(client, created.info.run_id, experiment_id)
     try:
         if logged is None:
             log_params(client, run.run_id, params)
@@ -238,9 +285,18 @@ def end_run(run: TrackedRun, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(params: Params, root: Path, name: str, tags: dict[str, str]) -> Iterator[TrackedRun]:
-    """A run for the block: FINISHED if it returns, FAILED (KILLED on Ctrl-C) if it raises."""
-    run = start_run(params, root, name, tags)
+def tracked_run(
+    params: Params, root: Path, name: str, tags: dict[str, str], resume: str | None = None
+) -> Iterator[TrackedRun]:
+    """A run for the block: FINISHED if it returns, FAILED (KILLED on Ctrl-C) if it raises.
+    ``resume``: the id of an interrupted run to continue instead of a new one (its params and
+    datasets stay as logged; ``tags`` are set again)."""
+    if resume is None:
+        run = start_run(params, root, name, tags)
+    else:
+        client, experiment_id = connect(params, root)
+        run = TrackedRun(client, resume, experiment_id)
+        client.log_batch(resume, tags=[RunTag(k, v) for k, v in tags.items()])
     with running(run.client, run.run_id):
         yield run
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import uuid
 from pathlib import Path
@@ -105,7 +104,7 @@ def train_and_score(job: Job) -> dict[str, Any]:
     """In the job's process: finetune (a new MLflow run), then evaluate on the test split. A sweep's
     trial reports each periodic validation to its Optuna trial, which may prune it."""
     job = here(job)
-    tags = {**job.tags, JOB_TAG: job.key, "peftflow.host": socket.gethostname(), "peftflow.pid": str(os.getpid())}
+    tags = {**job.tags, JOB_TAG: job.key}  # where it runs (peftflow.host, peftflow.pid): tracking's owner tags
     callbacks = (job.trial.reporter(),) if job.trial else ()
     run_id = pipeline.finetune(job.project, job.method, job.data_version, tags, callbacks)
     metrics = pipeline.evaluate(job.project, run_id, job.data_version) if job.score else {}
