@@ -153,6 +153,36 @@ def test_registered_champion_loads_ready_for_inference(project, harness):
     assert accuracy == pytest.approx(logged) and all(0.5 <= r["probability"] <= 1 for r in rows)
 
 
+def test_a_corrupt_registry_copy_is_fetched_again_and_a_corrupt_stored_one_named(project, harness, caplog):
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    params = Project(root=project).params(None)
+    client = _client(project)
+    version = registry.resolve(client, f"models:/{MODEL}@champion")
+    cached = registry.fetched(client, version, project, params)
+    weights = next(p for p in cached.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:64])  # a copy cut short (disk full, killed download)
+    registry.load(f"models:/{MODEL}@champion", project, params)  # loads: fetched again
+    assert any(
+        f"{weights.name} (changed)" in r.getMessage() and "fetching it again" in r.getMessage() for r in caplog.records
+    )
+
+    stored = Path(urlparse(version.source).path) / weights.name
+    good = stored.read_bytes()
+    shutil.rmtree(cached)
+    try:
+        stored.write_bytes(good[:64])
+        with pytest.raises(
+            tracking.TrackingError,
+            match=rf"version {version.version}: the stored artifact .* is corrupt: {weights.name} \(changed\)",
+        ):
+            registry.load(f"models:/{MODEL}@champion", project, params)
+        assert not cached.exists(), "a corrupt download must not be cached"
+    finally:
+        stored.write_bytes(good)
+
+
 def test_reproduce_restores_the_data_from_the_remote_with_zero_drift(project, harness):
     client = _client(project)
     run_id = client.get_model_version(MODEL, _aliases(client)["champion"]).run_id

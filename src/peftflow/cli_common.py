@@ -59,6 +59,7 @@ def run_or_exit(fn: Callable[..., T], *args, **kwargs) -> T:
         TrackingError,
         VersioningError,
         FileNotFoundError,
+        PermissionError,  # a read-only runs/ or data/: the path is in the message
         ValueError,
         KeyError,
     ) as e:

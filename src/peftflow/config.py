@@ -9,11 +9,13 @@ was expected, one line per problem.
 from __future__ import annotations
 
 import copy
+import difflib
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from peftflow import secrets
 from peftflow.cluster.params import RunnerParams
@@ -56,6 +58,13 @@ class SplitParams(Strict):
     test: float = Field(400, gt=0)
     seed: int = 0
 
+    @field_validator("val", "test")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{value} is neither a fraction in (0, 1) nor a whole number of examples")
+        return value
+
 
 class DataParams(Strict):
     source: str = "pang_lee"  # "pang_lee" (embedded) or a path to a .jsonl / .csv file
@@ -75,6 +84,18 @@ class DataParams(Strict):
     out_dir: Path = operational(Path("data/prepared"))  # where; the data itself is identified by its content hash
     max_length: int = Field(256, ge=8)  # prompt + completion tokens; longer prompts are cut on the left
     append_eos: bool = True  # teach the model to stop after the answer
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"{value!r}: not a format string ({e}); write a literal brace as {{{{ or }}}}") from None
+        unknown = sorted(fields - {"instruction", "text"})
+        if unknown:
+            raise ValueError(f"unknown field {{{unknown[0]}}}; a template may use {{instruction}} and {{text}}")
+        return value
 
 
 class TrainParams(Strict):
@@ -125,6 +146,30 @@ class PromoteParams(Strict):
     min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
     guards: dict[str, Guard] = {"test_loss": Guard(higher_is_better=False, tolerance=0.0)}
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        return _metric_name(value)
+
+    @field_validator("guards")
+    @classmethod
+    def _known_guards(cls, value: dict[str, Guard]) -> dict[str, Guard]:
+        for name in value:
+            _metric_name(name)
+        return value
+
+
+def _metric_name(name: str) -> str:
+    """``name`` if a run can log a metric so called (a typo must fail before training, not after)."""
+    from peftflow.results import metric_names
+
+    names, prefixes = metric_names()
+    if name not in names and not name.startswith(prefixes):
+        close = difflib.get_close_matches(name, sorted(names), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{name!r} is not a metric a run logs; {hint}e.g. test_accuracy, test_loss, val_accuracy")
+    return name
+
 
 class NightlyParams(Strict):
     """The `nightly-retrain` deployment: what it retrains and when (a cron in a time zone)."""
@@ -133,22 +178,32 @@ class NightlyParams(Strict):
     cron: str = "0 2 * * *"  # minute hour day-of-month month day-of-week
     timezone: str = "UTC"  # an IANA name, e.g. Europe/Berlin; the cron is read in this zone
 
-    @model_validator(mode="after")
-    def _valid(self) -> NightlyParams:
+    # field validators, so an error names the key and the file (or override) that set it
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"cron {value!r}: expected 5 fields (minute hour day month weekday)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        if len(self.cron.split()) != 5:
-            raise ValueError(f"cron {self.cron!r}: expected 5 fields (minute hour day month weekday)")
         try:
-            ZoneInfo(self.timezone)
+            ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"timezone {self.timezone!r}: not an IANA time zone name (e.g. UTC, Europe/Berlin)"
-            ) from None
-        unknown = sorted(set(self.methods) - set(method_names()))
+            raise ValueError(f"timezone {value!r}: not an IANA time zone name (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(method_names()))
         if unknown:
             raise ValueError(f"methods {unknown}: unknown; known: {', '.join(method_names())}")
-        return self
+        return value
 
 
 class CompareParams(Strict):
@@ -248,11 +303,27 @@ def _exists(path: Path, files: Files | None) -> bool:
     return str(path) in files if files is not None else path.is_file()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the
+    last silently, so a second ``train:`` section would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, files: Files | None = None) -> dict[str, Any]:
     if not _exists(path, files):
         raise ParamsError(f"{path}: no such params file")
     try:
-        data = yaml.safe_load(files[str(path)] if files is not None else path.read_text()) or {}
+        data = yaml.load(files[str(path)] if files is not None else path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -381,6 +452,9 @@ def load_params(
         file_method = named_method(paths[-1], files)
         if file_method != method:
             raise ParamsError(f"{paths[-1]}: method.name: expected {method!r} (the file name), got {file_method!r}")
+        # the shared files must hold on their own too: a bad value a method file overrides is still
+        # a bad value for every other method
+        merge_files(paths[:2], without_method(list(overrides)), files)
     return merge_files(paths, overrides, files)
 
 

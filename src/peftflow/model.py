@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftflow.atomic import atomic_dir
@@ -140,6 +141,11 @@ def load_base_model(params: ModelParams, **kwargs) -> PreTrainedModel:
         )
     except OSError as e:
         raise _not_found(params, e) from None
+    except SafetensorError as e:  # a truncated or overwritten weights file
+        raise ValueError(
+            f"model.name_or_path: {source}: its weights cannot be read ({' '.join(str(e).split())[:200]}); "
+            f"a truncated or damaged .safetensors file? (the embedded model: `peftflow convert-base --force`)"
+        ) from None
     _portable_4bit(model)
     return model
 

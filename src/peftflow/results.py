@@ -27,6 +27,15 @@ EFFICIENCY = (*(k for k in TRAIN_METRICS if k != "final_train_loss"), "wall_seco
 QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
 
 
+def metric_names() -> tuple[set[str], tuple[str, ...]]:
+    """What a run's MLflow metrics can be called (for checking ``promote.metric`` and its guards
+    before anything trains): the names, and the prefixes of per-label figures."""
+    scores = {k for k in Scores.model_fields if k != "test_per_label_accuracy"}
+    names = {*scores, *(f"zeroshot_{k}" for k in scores), *TRAIN_METRICS, *EFFICIENCY}
+    names |= {"train_loss", "lr", "val_loss", "val_ppl", "val_accuracy"}
+    return names, ("test_per_label_accuracy.", "zeroshot_test_per_label_accuracy.")
+
+
 class TrainSummary(BaseModel):
     """One supervised training run, as ``train_summary.json`` records it."""
 

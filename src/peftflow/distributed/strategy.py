@@ -286,7 +286,7 @@ def load_training_state(model, optimizer, accelerator: Accelerator, ckpt: Path) 
             options=StateDictOptions(strict=False),
         )  # fmt: skip
     else:
-        from peftflow.training.checkpoint import read
+        from peftflow.training.state_files import read
 
         load_trainable_state(model, accelerator, read(ckpt / "trainable.pt"))
         optim = read(ckpt / "optimizer.pt")

@@ -28,14 +28,11 @@ import torch
 from peftflow import checksums
 from peftflow.atomic import atomic_dir
 from peftflow.methods import Method
+from peftflow.training.state_files import CheckpointError, read
 
 log = logging.getLogger(__name__)
 
 SHA256 = "sha256.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed; the message names it and what to do."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -60,17 +57,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def read(path: Path) -> Any:
-    """A checkpoint file's tensors and plain values; never unpickles code (``weights_only=True``)."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:
-        first = " ".join(str(e).split())[:200]
-        raise CheckpointError(
-            f"{path}: unreadable ({first}); delete its checkpoint, or start over with --no-resume"
-        ) from None
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
