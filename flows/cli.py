@@ -109,9 +109,12 @@ def _flow_run(flow, **kwargs):
 def _runs_or_exit(flow, **kwargs):
     """Run a flow whose runs go to the runner: bad input (the runner's check included) is one red
     line and exit code 2; runs that failed (the others were registered) one line and exit code 1."""
+    from peftflow import tracking
     from peftflow.cluster.jobs import RunsFailed, check_runner
 
-    run_or_exit(check_runner, kwargs["project"])
+    project = kwargs["project"]
+    run_or_exit(check_runner, project)
+    run_or_exit(tracking.connect, project.params(None), project.root)  # the store answers, before any run
     try:
         return _flow_run(flow, **kwargs)
     except RunsFailed as e:
@@ -187,12 +190,14 @@ def reproduce(
 ) -> None:
     """Re-run a logged run and print each metric's drift."""
     from flows.pipeline import reproduce as flow
+    from peftflow import tracking
     from peftflow.pipeline import Project
 
+    project = Project(root=root)
+    client, _ = run_or_exit(tracking.connect, project.params(None), project.root)
+    run_or_exit(tracking.get_run, client, run_id)  # an unknown run: one line, before the flow starts
     typer.echo(
-        json.dumps(
-            _flow_run(flow, run_id=run_id, allow_code_change=allow_code_change, project=Project(root=root)), indent=2
-        )
+        json.dumps(_flow_run(flow, run_id=run_id, allow_code_change=allow_code_change, project=project), indent=2)
     )
 
 

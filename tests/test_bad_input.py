@@ -140,3 +140,24 @@ def test_repeated_examples_never_straddle_the_splits(project):
     assert read_manifest(project / "prepared")["checks"] == {
         "examples_read": 180, "duplicates_removed": 180 - len(distinct), "prompts_with_several_answers": 0
     }  # fmt: skip
+
+
+FLOW_CASES = {
+    "a tracking URI nothing answers at": (
+        ["experiment", "-m", "lora", "-s", "tracking.uri=http://127.0.0.1:9"],
+        r"MLflow tracking URI http://127.0.0.1:9: unreachable or unusable",
+    ),
+    "a run id the store does not have": (["reproduce", "0123abc"], r"no MLflow run '0123abc' in sqlite:///"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOW_CASES))
+def test_bad_input_to_a_flow_is_one_line_before_it_starts(case, project):
+    from flows.cli import flows_app
+
+    command, expected = FLOW_CASES[case]
+    result = runner.invoke(flows_app, [*command, "--root", str(project)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and re.search(expected, lines[0]), result.output
+    assert not (project / "runs").exists()

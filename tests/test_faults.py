@@ -3,6 +3,7 @@ and run again."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def _runs(root: Path) -> list:
 
 def test_a_flow_killed_mid_finetune_is_continued_by_its_rerun(tmp_path, tiny_model_dir):
     root = make_project(tmp_path / "proj", tiny_model_dir)
-    set_keys(root / "params" / "base.yaml", {"train.max_steps": 600, "train.save_every": 25, "train.eval_every": 0})
+    set_keys(root / "params" / "base.yaml", {"train.max_steps": 300, "train.save_every": 25, "train.eval_every": 0})
     commit(root, "a longer training, checkpointed")
     cmd, env = [sys.executable, "-m", "flows", "experiment", "-m", "lora", "--root", str(root)], _env(tmp_path)
 
@@ -57,6 +58,100 @@ def test_a_flow_killed_mid_finetune_is_continued_by_its_rerun(tmp_path, tiny_mod
     assert run.data.tags["peftflow.resumed_from"].startswith("step-")
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert min(steps) <= 25 and max(steps) == 600  # logged before the kill and after, in one run
+    assert min(steps) <= 25 and max(steps) == 300  # logged before the kill and after, in one run
     [version] = client.search_model_versions("name='peftflow-sentiment'")
     assert version.run_id == run.info.run_id
+
+
+def test_a_tracking_outage_loses_no_metric_and_fails_no_training(tmp_path, tiny_model_dir):
+    from flows.serve import _process
+    from tests.test_serve import free_port
+
+    root = make_project(tmp_path / "proj", tiny_model_dir)
+    set_keys(root / "params" / "base.yaml", {"train.max_steps": 400, "train.eval_every": 0, "train.log_every": 2})
+    commit(root, "a longer training")
+    store, port = tmp_path / "store", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = [f"{BIN}/mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+              "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+              "--workers", "1"]  # fmt: skip
+    env = {**_env(tmp_path), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "flows", "experiment", "-m", "lora", "--root", str(root), "-s", f"tracking.uri={uri}"]
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")  # the store itself, whether its server is up or not
+
+    log = tmp_path / "flow.log"
+    with _process(server, env, tmp_path / "mlflow-1.log", f"{uri}/health", "MLflow"):
+        flow = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not _logged_steps(client):
+            assert flow.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no metric reached MLflow within 10 minutes"
+            time.sleep(0.2)
+    # the server is down (longer than MLflow's own retries would wait): the training must go on
+    [summary] = _wait_for(lambda: list((root / "runs").glob("*/train_summary.json")), flow, log)
+    before = max(_logged_steps(client))
+    assert before < 400, "the training ended before the outage began: nothing was tested"
+    with _process(server, env, tmp_path / "mlflow-2.log", f"{uri}/health", "MLflow"):  # back, same store
+        assert flow.wait(timeout=900) == 0, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "does not answer" in output and "answers again" in output
+    [run] = [r for r in client.search_runs([client.get_experiment_by_name("peftflow").experiment_id])]
+    assert run.info.status == "FINISHED" and run.info.run_id == summary.parent.name
+    assert _logged_steps(client) == list(range(2, 401, 2)), "every step's metrics, those of the outage too"
+
+
+def _logged_steps(client: MlflowClient) -> list[int]:
+    experiment = client.get_experiment_by_name("peftflow")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return sorted({m.step for r in runs for m in client.get_metric_history(r.info.run_id, "train_loss")})
+
+
+def _wait_for(found, proc: subprocess.Popen, log: Path, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while not (result := found()):
+        assert proc.poll() is None, f"the flow exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return result
+
+
+def test_two_flows_share_one_data_preparation_and_keep_their_data_while_it_changes(tmp_path, tiny_model_dir):
+    from peftflow.data import read_manifest
+    from tests.conftest import make_rows
+
+    root = make_project(tmp_path / "proj", tiny_model_dir)
+    set_keys(root / "params" / "base.yaml", {"train.max_steps": 300, "train.eval_every": 0})
+    commit(root, "a longer training")
+    raw = root / "data" / "raw" / "reviews.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in make_rows(160, seed=1)))  # both flows must re-prepare
+    env = _env(tmp_path)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    flows = [
+        subprocess.Popen([sys.executable, "-m", "flows", "experiment", "-m", "lora", "--root", str(root)],
+                         cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for log in logs
+    ]  # fmt: skip
+    # once both got their data (each has a run folder), it changes: a user's `dvc repro prepare` of other rows
+    deadline = time.monotonic() + 600
+    while len(list((root / "runs").glob("*/params.yaml"))) < 2:
+        assert any(f.poll() is None for f in flows) and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+        time.sleep(0.2)
+    assert any(f.poll() is None for f in flows), "both flows ended before the data changed: nothing was tested"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in make_rows(160, seed=2)))
+    subprocess.run([f"{BIN}/dvc", "repro", "prepare"], cwd=root, env=env, check=True, capture_output=True)
+    changed = read_manifest(root / "data" / "prepared")["version"]
+
+    for flow, log in zip(flows, logs, strict=True):
+        assert flow.wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert "failed to reproduce" not in log.read_text() and "LockError" not in log.read_text()
+    runs = _runs(root)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    trained_on = {r.data.tags["peftflow.data_version"] for r in runs}
+    assert len(trained_on) == 1 and changed not in trained_on  # one preparation, shared; not the later data
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    for r in runs:  # evaluated on the data it trained on, not on what `prepare` wrote meanwhile
+        evaluated = json.loads(
+            Path(client.download_artifacts(r.info.run_id, "metrics.json", str(tmp_path))).read_text()
+        )
+        assert evaluated["data_version"] in trained_on, evaluated["data_version"]

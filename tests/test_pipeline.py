@@ -188,6 +188,7 @@ def test_reproduce_restores_the_data_from_the_remote_with_zero_drift(project, ha
     run_id = client.get_model_version(MODEL, _aliases(client)["champion"]).run_id
     shutil.rmtree(project / "data" / "prepared")  # neither the workspace nor the cache has the data:
     shutil.rmtree(project / ".dvc" / "cache")  # it must come back from the DVC remote
+    shutil.rmtree(project / "runs" / "data")  # (nor the flows' frozen copies)
     result = reproduce(run_id, project, Project(root=project).params(None))
     assert set(result["drift"]) >= {"final_train_loss", "val_loss", "test_loss", "test_accuracy"}
     assert all(d == 0.0 for d in result["drift"].values()), result["drift"]

@@ -11,7 +11,8 @@ def quiet_libraries() -> None:
     from peftflow.secrets import mask_logs
 
     mask_logs()
-    for noisy in ("httpx", "urllib3", "filelock"):
+    # MLflow announces the tables of every new local store ("Creating initial MLflow database tables...")
+    for noisy in ("httpx", "urllib3", "filelock", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes warns at import that an optional CPU kernel package is absent; its own fallback works

@@ -132,6 +132,9 @@ class TrackingParams(Strict):
     # the MLflow UI that serves this store, for links from Prefect artifacts; None: the tracking URI
     # itself when it is http(s), else `mlflow ui`'s default address
     ui_url: str | None = None
+    # a training goes on while the store does not answer (its metrics kept in memory, sent once it
+    # answers); at its end it waits this long for the store before the run fails
+    outage_wait_s: float = Field(600.0, ge=0)
 
 
 class Guard(Strict):

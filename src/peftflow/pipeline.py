@@ -110,14 +110,19 @@ def prepare_data(project: Project, version: str | None = None, repro: bool = Tru
     (``dvc repro`` of the base model (embedded only) and prepared data); else that earlier data
     version (its DVC hash, or the data version a logged run names), restored from the DVC cache or
     remote into ``<train.output_dir>/data/<hash>``. ``repro=False``: the workspace's data as it is,
-    neither reproduced nor pushed (for a caller that is itself a DVC stage, which holds DVC's lock)."""
+    neither reproduced nor pushed (for a caller that is itself a DVC stage, which holds DVC's lock).
+    Either way the flow's steps read ``<train.output_dir>/data/<hash>``, which nothing rewrites, and
+    the data step holds the project's data lock (another flow's waits for it)."""
     check_overrides(project.overrides)
     params = project.params(None)
-    ran = reproduce_stage(project, params, "prepare") if repro else []
-    out_dir, md5 = params.data.out_dir, versioning.out_hash(project.root, str(params.data.out_dir))
-    if version and version not in (md5, data.read_manifest(project.root / out_dir)["version"]):
-        md5 = _dvc_hash_of(project, version)
-        out_dir = versioning.restored(project.root, md5, params.train.output_dir)
+    with versioning.project_lock(project.root, "prepare_data", params.runner.data_lock_timeout_s):
+        ran = reproduce_stage(project, params, "prepare") if repro else []
+        out_dir, md5 = params.data.out_dir, versioning.out_hash(project.root, str(params.data.out_dir))
+        if version and version not in (md5, data.read_manifest(project.root / out_dir)["version"]):
+            md5 = _dvc_hash_of(project, version)
+            out_dir = versioning.restored(project.root, md5, params.train.output_dir)
+        else:  # what the flow's steps read: a copy that no later `dvc repro prepare` rewrites
+            out_dir = versioning.frozen(project.root, out_dir, md5, params.train.output_dir)
     return data_version(project, out_dir, md5, ran)
 
 

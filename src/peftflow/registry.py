@@ -63,10 +63,7 @@ def aliased(client: MlflowClient, name: str, alias: str) -> dict[str, Any] | Non
 
 def register(client: MlflowClient, run_id: str, name: str) -> str:
     """Register the run's ``model/`` artifact as a new version of ``name``; point ``candidate`` at it."""
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise tracking.TrackingError(f"no MLflow run {run_id!r} in {client.tracking_uri}") from None
+    run = tracking.get_run(client, run_id)
     status = run.info.status
     if status != RunStatus.to_string(RunStatus.FINISHED):
         raise tracking.TrackingError(f"run {run_id} is {status}, not FINISHED; only finished runs are registered")

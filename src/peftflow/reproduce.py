@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from peftflow import data, runs, tracking, versioning
 from peftflow.config import Params
 from peftflow.results import QUALITY_METRICS
@@ -26,10 +24,7 @@ def reproduce(run_id: str, root: Path, params: Params, allow_code_change: bool =
     """
     root = Path(root)
     client, _ = tracking.connect(params, root)
-    try:
-        original = client.get_run(run_id)
-    except MlflowException:
-        raise tracking.TrackingError(f"no MLflow run {run_id!r} in {tracking.tracking_uri(params, root)}") from None
+    original = tracking.get_run(client, run_id)
     tags = original.data.tags
     commit, current = tags.get("git.commit", "none"), versioning.git_commit(root) or "none"
     if not allow_code_change and (commit != current or versioning.git_dirty(root)):

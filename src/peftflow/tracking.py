@@ -72,20 +72,46 @@ def connect(params: Params, root: Path) -> tuple[MlflowClient, str]:
     projects must not share.
     """
     uri = tracking_uri(params, root)
-    client = MlflowClient(uri, registry_uri=uri)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")  # fail fast
     try:
-        experiment = client.get_experiment_by_name(params.tracking.experiment)
-        if experiment is not None:
-            return client, experiment.experiment_id
-        location = None
-        if uri.startswith("sqlite:") and not params.tracking.uri:  # the embedded local store
-            location = (Path(root) / params.tracking.artifact_dir).resolve().as_uri()
-        return client, client.create_experiment(params.tracking.experiment, artifact_location=location)
+        with _fail_fast(), _creating(uri):
+            client = MlflowClient(uri, registry_uri=uri)
+            client.search_registered_models(max_results=1)  # both stores opened (created) under the lock
+            experiment = client.get_experiment_by_name(params.tracking.experiment)
+            if experiment is not None:
+                return client, experiment.experiment_id
+            location = None
+            if uri.startswith("sqlite:") and not params.tracking.uri:  # the embedded local store
+                location = (Path(root) / params.tracking.artifact_dir).resolve().as_uri()
+            return client, client.create_experiment(params.tracking.experiment, artifact_location=location)
     except Exception as e:  # requests' and SQLAlchemy's errors alike: say where, in one line
         first = " ".join(str(e).split())[:300]
         raise TrackingError(f"MLflow tracking URI {uri}: unreachable or unusable ({first})") from None
+
+
+@contextlib.contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time in the block: two flows that open a new store at
+    once would both create its tables (MLflow fails with "table ... already exists"), or both the
+    experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    with FileLock(db.with_name(db.name + ".lock")):
+        yield
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """MLflow requests in the block are tried once, with a 10 s timeout (MLflow's own retries
+    back off for minutes: right for a blip, wrong for a question whose answer is "unreachable")."""
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -215,26 +241,75 @@ def running(client: MlflowClient, run_id: str) -> Iterator[None]:
 class MetricsLogger:
     """A training recipe's ``(metrics, step)`` callback that logs to one run by its id. It pickles
     as (tracking URI, run id), so it can travel to a run's worker processes, where only the main
-    process calls it: one training is one MLflow run, whatever its process count."""
+    process calls it: one training is one MLflow run, whatever its process count.
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+    A store that stops answering does not stop the training: metrics are kept (in memory, with
+    their step and time) and sent with the next batch once it answers, tried again every
+    ``RETRY_S``; :meth:`close`, when training ends, waits up to ``patience`` seconds for the
+    store, then fails naming what could not be sent."""
+
+    RETRY_S = 10.0
+    BATCH = 1000  # metrics per request: MLflow's limit
+
+    def __init__(self, uri: str, run_id: str, patience: float = 600.0):
+        self.uri, self.run_id, self.patience = uri, run_id, patience
         self._client: MlflowClient | None = None
+        self._pending: list[Metric] = []
+        self._down_since: float | None = None
+        self._next_try = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+        return {**self.__dict__, "_client": None}
 
     def __call__(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() >= self._next_try:
+            self._send()
+
+    def _send(self) -> bool:
+        """Send what is pending; False (and kept) if the store does not answer."""
         if self._client is None:
             self._client = MlflowClient(self.uri, registry_uri=self.uri)
-        log_metrics(self._client, self.run_id, metrics, step)
+        try:
+            with _fail_fast():
+                while self._pending:
+                    self._client.log_batch(self.run_id, metrics=self._pending[: self.BATCH])
+                    del self._pending[: self.BATCH]
+        except Exception as e:  # noqa: BLE001 - any failure to send: keep the metrics, go on training
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning(
+                    "MLflow tracking URI %s does not answer (%s): training goes on, its metrics are kept and "
+                    "sent when the store is back", self.uri, " ".join(str(e).split())[:200],
+                )  # fmt: skip
+            self._next_try = time.monotonic() + self.RETRY_S
+            return False
+        if self._down_since is not None:
+            log.warning(
+                "MLflow answers again after %.0f s: the kept metrics are sent", time.monotonic() - self._down_since
+            )
+            self._down_since = None
+        return True
+
+    def close(self) -> None:
+        """Send what is still kept, waiting up to ``patience`` seconds for the store."""
+        deadline = time.monotonic() + self.patience
+        while self._pending and not self._send():
+            if time.monotonic() >= deadline:
+                raise TrackingError(
+                    f"MLflow tracking URI {self.uri}: no answer for {self.patience:.0f} s "
+                    f"(tracking.outage_wait_s); {len(self._pending)} metrics of run {self.run_id} were not sent"
+                )
+            time.sleep(min(self.RETRY_S, max(deadline - time.monotonic(), 0.1)))
 
 
 class TrackedRun:
     """An open MLflow run: what a caller logs through while :func:`tracked_run` holds it."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, patience: float = 600.0):
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.patience = patience  # tracking.outage_wait_s
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Also the per-step callback a training recipe takes: ``(metrics, step)``."""
@@ -242,7 +317,7 @@ class TrackedRun:
 
     def metrics_logger(self) -> MetricsLogger:
         """:meth:`log_metrics` as a callback that other processes can call too."""
-        return MetricsLogger(self.client.tracking_uri, self.run_id)
+        return MetricsLogger(self.client.tracking_uri, self.run_id, self.patience)
 
     def log_artifact(self, path: Path, under: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), under)
@@ -266,7 +341,7 @@ def start_run(
     given, the flat ``logged`` values as its params. End it with :func:`end_run`."""
     client, experiment_id = connect(params, root)
     created = client.create_run(experiment_id, tags={**tags, **owner()}, run_name=name)
-    run = TrackedRun(client, created.info.run_id, experiment_id)
+    run = TrackedRun(client, created.info.run_id, experiment_id, params.tracking.outage_wait_s)
     try:
         if logged is None:
             log_params(client, run.run_id, params)
@@ -295,7 +370,7 @@ def tracked_run(
         run = start_run(params, root, name, tags)
     else:
         client, experiment_id = connect(params, root)
-        run = TrackedRun(client, resume, experiment_id)
+        run = TrackedRun(client, resume, experiment_id, params.tracking.outage_wait_s)
         client.log_batch(resume, tags=[RunTag(k, v) for k, v in tags.items()])
     with running(run.client, run.run_id):
         yield run
@@ -345,6 +420,14 @@ def metrics_to_log(result: dict[str, Any]) -> dict[str, float]:
     flat = flatten({k: v for k, v in result.items() if k != "zeroshot"})
     flat.update({f"zeroshot_{k}": v for k, v in flatten(result.get("zeroshot", {})).items()})
     return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def get_run(client: MlflowClient, run_id: str):
+    """The run, or one line saying the store has no such run."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"no MLflow run {run_id!r} in {client.tracking_uri}") from None
 
 
 def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:

@@ -162,8 +162,68 @@ def restore(root: Path, md5: str, dest: Path) -> Path:
 def restored(root: Path, md5: str, under: Path) -> Path:
     """The data with DVC hash ``md5`` in ``under/data/<hash>`` (relative to ``root``), restored by
     :func:`restore` unless an earlier call left it there; the folder, relative to ``root``."""
+    from peftflow.atomic import atomic_dir
+
     rel = Path(under) / "data" / md5.removesuffix(".dir")
     if not (Path(root) / rel / "manifest.json").is_file():
         log.info("restoring data version %s into %s", md5, rel)
-        restore(root, md5, Path(root) / rel)
+        with atomic_dir(Path(root) / rel) as tmp:  # whole or absent, for the runs that read it
+            for item in restore(root, md5, tmp / "restored").iterdir():
+                shutil.move(item, tmp / item.name)
+            (tmp / "restored").rmdir()
     return rel
+
+
+def frozen(root: Path, src: Path, md5: str, under: Path) -> Path:
+    """The prepared folder ``src`` (relative to ``root``, just reproduced: DVC hash ``md5``) as the
+    copy ``under/data/<hash>`` that a flow run's steps read: a later ``dvc repro prepare`` (another
+    flow, a user) rewrites ``src``, never the copy, so a run is trained, evaluated and registered on
+    one data version. Made atomically, once per hash; its files read-only."""
+    from peftflow.atomic import atomic_dir
+
+    rel = Path(under) / "data" / md5.removesuffix(".dir")
+    if not (Path(root) / rel / "manifest.json").is_file():
+        with atomic_dir(Path(root) / rel) as tmp:
+            shutil.copytree(Path(root) / src, tmp, dirs_exist_ok=True)
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    path.chmod(0o444)
+    return rel
+
+
+@contextlib.contextmanager
+def project_lock(root: Path, what: str, timeout: float) -> Iterator[None]:
+    """The project's data lock for the block (``dvc repro``/``push`` and the frozen copy): one flow
+    run at a time does them, others wait up to ``timeout`` seconds, then fail in one line naming
+    who holds it (DVC's own lock would fail at once, as "failed to reproduce 'prepare'")."""
+    import json
+    import os
+    import socket
+    import time
+
+    from filelock import FileLock, Timeout
+
+    path = Path(root) / ".dvc" / "tmp" / "peftflow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = path.with_suffix(".holder")
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = holder.read_text().strip() if holder.is_file() else "unknown"
+        log.info("the project's data lock is held (%s); waiting up to %.0f s", who, timeout)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            who = holder.read_text().strip() if holder.is_file() else "unknown"
+            raise VersioningError(
+                f"{path}: held for more than {timeout:.0f} s by {who}; another flow is preparing this project's "
+                f"data (wait for it, or raise runner.data_lock_timeout_s)"
+            ) from None
+    try:
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")  # fmt: skip
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()

@@ -35,6 +35,8 @@ class RunnerParams(Strict):
     cpus_per_run: int | None = Field(None, ge=1)  # null: 1 on ray (and 1 torch thread), all cores on process
     gpus_per_run: float | None = Field(None, ge=0)  # null: distributed.num_processes if the cluster has GPUs, else 0
     max_parallel: int | None = Field(None, ge=1)  # runs at once; null: as many as the cluster's resources fit
+    # a flow waits this long for another flow run preparing the same project's data (dvc repro, push)
+    data_lock_timeout_s: float = Field(900.0, ge=0)
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -240,6 +240,9 @@ def _train(
             shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete; its artifact supersedes them
     if main:
         (run_dir / "train_summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+        for cb in callbacks:  # a callback that holds something back (metrics kept through a tracking outage)
+            if hasattr(cb, "close"):
+                cb.close()
     accelerator.wait_for_everyone()
     return summary
 
