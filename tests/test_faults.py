@@ -63,42 +63,53 @@ def test_a_flow_killed_mid_finetune_is_continued_by_its_rerun(tmp_path, tiny_mod
     assert version.run_id == run.info.run_id
 
 
-def test_a_tracking_outage_loses_no_metric_and_fails_no_training(tmp_path, tiny_model_dir):
-    from flows.serve import _process
+def test_a_tracking_outage_loses_no_metric_and_a_credential_is_written_nowhere(tmp_path, tiny_model_dir, monkeypatch):
+    """One flow run against an MLflow server with credentials in its URI, stopped mid-training
+    (longer than MLflow's own retries would wait) and started again on the same store."""
+    from flows.serve import _process, prefect_server
+    from tests.test_secrets import PASSWORD, leaks
     from tests.test_serve import free_port
 
     root = make_project(tmp_path / "proj", tiny_model_dir)
-    set_keys(root / "params" / "base.yaml", {"train.max_steps": 400, "train.eval_every": 0, "train.log_every": 2})
+    set_keys(root / "params" / "base.yaml", {"train.max_steps": 300, "train.eval_every": 0, "train.log_every": 2})
     commit(root, "a longer training")
     store, port = tmp_path / "store", free_port()
     store.mkdir()
-    uri = f"http://127.0.0.1:{port}"
     server = [f"{BIN}/mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
               "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
               "--workers", "1"]  # fmt: skip
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # the Prefect server's database, scanned below
     env = {**_env(tmp_path), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(key, None)
+    health, uri = f"http://127.0.0.1:{port}/health", f"http://alice:{PASSWORD}@127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "flows", "experiment", "-m", "lora", "--root", str(root), "-s", f"tracking.uri={uri}"]
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")  # the store itself, whether its server is up or not
 
     log = tmp_path / "flow.log"
-    with _process(server, env, tmp_path / "mlflow-1.log", f"{uri}/health", "MLflow"):
-        flow = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while not _logged_steps(client):
-            assert flow.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no metric reached MLflow within 10 minutes"
-            time.sleep(0.2)
-    # the server is down (longer than MLflow's own retries would wait): the training must go on
-    [summary] = _wait_for(lambda: list((root / "runs").glob("*/train_summary.json")), flow, log)
-    before = max(_logged_steps(client))
-    assert before < 400, "the training ended before the outage began: nothing was tested"
-    with _process(server, env, tmp_path / "mlflow-2.log", f"{uri}/health", "MLflow"):  # back, same store
-        assert flow.wait(timeout=900) == 0, log.read_text()[-3000:]
-    output = log.read_text()
-    assert "does not answer" in output and "answers again" in output
-    [run] = [r for r in client.search_runs([client.get_experiment_by_name("peftflow").experiment_id])]
-    assert run.info.status == "FINISHED" and run.info.run_id == summary.parent.name
-    assert _logged_steps(client) == list(range(2, 401, 2)), "every step's metrics, those of the outage too"
+    with prefect_server(free_port(), None, tmp_path / "logs") as api:
+        with _process(server, env, tmp_path / "mlflow-1.log", health, "MLflow"):
+            flow = subprocess.Popen(cmd, cwd=root, env={**env, "PREFECT_API_URL": api}, stdout=log.open("w"),
+                                    stderr=subprocess.STDOUT)  # fmt: skip
+            deadline = time.monotonic() + 600
+            while not _logged_steps(client):
+                assert flow.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no metric reached MLflow within 10 minutes"
+                time.sleep(0.2)
+        # the server is down: the training must go on
+        [summary] = _wait_for(lambda: list((root / "runs").glob("*/train_summary.json")), flow, log)
+        assert max(_logged_steps(client)) < 300, "the training ended before the outage began: nothing was tested"
+        with _process(server, env, tmp_path / "mlflow-2.log", health, "MLflow"):  # back, on the same store
+            assert flow.wait(timeout=900) == 0, log.read_text()[-3000:]
+        output = log.read_text()
+        assert "does not answer" in output and "answers again" in output
+        [run] = client.search_runs([client.get_experiment_by_name("peftflow").experiment_id])
+        assert run.info.status == "FINISHED" and run.info.run_id == summary.parent.name
+        assert _logged_steps(client) == list(range(2, 301, 2)), "every step's metrics, those of the outage too"
+        found = leaks(
+            PASSWORD, {"the flow's output": output}, store / "mlflow.db", api, [root, store, tmp_path / "prefect"]
+        )
+    assert not found, found
 
 
 def _logged_steps(client: MlflowClient) -> list[int]:
