@@ -175,7 +175,16 @@ def log_datasets(client: MlflowClient, run_id: str, params: Params, manifest: di
             profile=json.dumps({"num_rows": manifest["files"][split]["rows"]}),
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-    client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as e:
+            # two runs logging the same new dataset at once both insert it (MLflow's store gets or
+            # creates it in two steps); the loser's retry finds it
+            if "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 OWNER_TAGS = ("peftflow.host", "peftflow.pid", "peftflow.pid_started")
