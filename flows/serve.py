@@ -294,6 +294,7 @@ def temporary_server() -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: api}):
             yield
     finally:
+        _drain_to(proc)
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()
         try:
@@ -302,6 +303,18 @@ def temporary_server() -> Iterator[None]:
             proc.kill()
             proc.wait()
         log.unlink(missing_ok=True)
+
+
+def _drain_to(server: subprocess.Popen) -> None:
+    """Send the logs and events still queued while the server is up: left for interpreter exit,
+    Prefect's workers retry against a stopped server for over a minute before giving up."""
+    if server.poll() is not None:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=15)
 
 
 def _interrupt(signum, frame) -> None:
