@@ -219,7 +219,8 @@ def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(params.model)
     method = get_method(params.method.name)
-    model = _to(artifacts.load(load_base_for(params), run_dir / "model"), device)
+    artifacts.verify(run_dir / "model")  # before the base model loads: a missing or damaged run is named at once
+    model = _to(artifacts.load(load_base_for(params), run_dir / "model", verified=True), device)
     virtual = method.input_virtual_tokens(params.method)
     metrics = score(model, tokenizer, params, examples, manifest["labels"], device, virtual)
 

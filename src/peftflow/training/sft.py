@@ -112,6 +112,13 @@ def _train(
     ckpt_root = run_dir / "checkpoints"
     set_seed(params.seed)
 
+    # the data first: missing or damaged, it is named before minutes go into loading the weights
+    tokenizer = load_tokenizer(params.model)
+    manifest = data.read_manifest(params.data.out_dir)
+    train_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "train")]
+    val_rows = data.read_split(params.data.out_dir, "val")[: cfg.eval_examples]
+    val_set = [encode(tokenizer, ex, params.data) for ex in val_rows]
+
     # the model, and the processes that train it
     model = build_model(params) if model is None else model
     trainable, total = count_parameters(model)
@@ -123,12 +130,7 @@ def _train(
         shutil.rmtree(ckpt_root, ignore_errors=True)
     accelerator.wait_for_everyone()
 
-    # the data: each process takes its own rows of every global batch
-    tokenizer = load_tokenizer(params.model)
-    manifest = data.read_manifest(params.data.out_dir)
-    train_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "train")]
-    val_rows = data.read_split(params.data.out_dir, "val")[: cfg.eval_examples]
-    val_set = [encode(tokenizer, ex, params.data) for ex in val_rows]
+    # each process takes its own rows of every global batch
     sampler = Sampler(
         [len(e) for e in train_set], cfg.batch_size, params.seed, accelerator.process_index, accelerator.num_processes
     )
