@@ -37,7 +37,8 @@ def fail(message: str) -> NoReturn:
     """One red line on stderr (credentials in URLs masked), exit code 2."""
     from peftflow.secrets import mask
 
-    err_console.print(f"[bold red]error:[/] {escape(mask(message))}", highlight=False, soft_wrap=True)
+    one_line = " ".join(mask(message).split())  # a library's multi-line message too
+    err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -63,4 +64,4 @@ def run_or_exit(fn: Callable[..., T], *args, **kwargs) -> T:
         ValueError,
         KeyError,
     ) as e:
-        fail(str(e).strip("'\""))
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else str(e))  # str(KeyError) adds quotes

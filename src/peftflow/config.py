@@ -85,6 +85,18 @@ class DataParams(Strict):
     max_length: int = Field(256, ge=8)  # prompt + completion tokens; longer prompts are cut on the left
     append_eos: bool = True  # teach the model to stop after the answer
 
+    @field_validator("labels")
+    @classmethod
+    def _distinct_answers(cls, value: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for raw, answer in value.items():
+            if answer in seen:
+                raise ValueError(
+                    f"{seen[answer]!r} and {raw!r} both map to {answer!r}; each label needs its own answer"
+                )
+            seen[answer] = raw
+        return value
+
     @field_validator("prompt_template")
     @classmethod
     def _template_fields(cls, value: str) -> str:
@@ -185,8 +197,15 @@ class NightlyParams(Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
         if len(value.split()) != 5:
             raise ValueError(f"cron {value!r}: expected 5 fields (minute hour day month weekday)")
+        if not croniter.is_valid(value) or any(f.upper() in ("R", "H") for f in value.split()):
+            raise ValueError(
+                f"cron {value!r}: a field is out of range or malformed (minute 0-59, hour 0-23, day 1-31, "
+                f"month 1-12, weekday 0-6; *, a-b, */n and lists)"
+            )
         return value
 
     @field_validator("timezone")
@@ -203,10 +222,16 @@ class NightlyParams(Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(method_names()))
-        if unknown:
-            raise ValueError(f"methods {unknown}: unknown; known: {', '.join(method_names())}")
-        return value
+        return _known_methods(value)
+
+
+def _known_methods(value: list[str]) -> list[str]:
+    unknown = sorted(set(value) - set(method_names()))
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], method_names(), n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(f"{unknown[0]!r} is not a method{did_you_mean} (methods: {', '.join(method_names())})")
+    return value
 
 
 class CompareParams(Strict):
@@ -217,12 +242,10 @@ class CompareParams(Strict):
     token_budget: int = Field(30_000, ge=1)  # training tokens per run (prompt + answer, no padding)
     out_dir: Path = Path("reports/compare")  # leaderboard (CSV, Markdown, HTML) and plots, relative to the project
 
-    @model_validator(mode="after")
-    def _known(self) -> CompareParams:
-        unknown = sorted(set(self.methods) - set(method_names()))
-        if unknown:
-            raise ValueError(f"methods {unknown}: unknown; known: {', '.join(method_names())}")
-        return self
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        return _known_methods(value)
 
 
 class Params(Strict):

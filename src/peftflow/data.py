@@ -67,6 +67,8 @@ def read_pang_lee(archive: Path) -> list[dict[str, str]]:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl or .csv file, as dicts."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a data file (data.source: a .jsonl or .csv file)")
     if not path.is_file():
         raise DataError(f"{path}: data file not found (data.source)")
     raw = path.read_bytes()
@@ -219,7 +221,12 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / "manifest.json"
     if not path.is_file():
         raise DataError(f"{path}: no prepared data; run `peftflow prepare` (or `dvc repro prepare`) first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["version"], manifest["files"]  # noqa: B018  (what every reader relies on)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a prepared-data manifest ({e}); prepare the data again") from None
+    return manifest
 
 
 def read_split(out_dir: Path, name: str) -> list[dict[str, str]]:

@@ -127,6 +127,11 @@ def load_tokenizer(params: ModelParams) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except OSError as e:
         raise _not_found(params, e) from None
+    except ValueError as e:  # a folder with weights but no usable tokenizer files
+        raise ValueError(
+            f"model.name_or_path: {source}: no tokenizer can be loaded from it (tokenizer.json and "
+            f"tokenizer_config.json, as `save_pretrained` writes them): {' '.join(str(e).split())[:160]}"
+        ) from None
     if tokenizer.pad_token_id is None:  # padding is masked everywhere, so any token serves
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -176,19 +176,28 @@ def fetched(client: MlflowClient, version, root: Path, params: Params) -> Path:
     return dst
 
 
+def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, ALIAS, None); ``models:/NAME/VERSION`` -> (NAME, None, VERSION)."""
+    ref = uri.removeprefix("models:/") if uri.startswith("models:/") else ""
+    name, at, alias = ref.partition("@")
+    if not at:
+        name, _, number = ref.rpartition("/")
+        if name and number.isdigit():
+            return name, None, number
+    elif name and alias and "/" not in alias:
+        return name, alias, None
+    raise tracking.TrackingError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
 def resolve(client: MlflowClient, uri: str):
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the model version, with clear errors."""
-    if not uri.startswith("models:/"):
-        raise tracking.TrackingError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
+    name, alias, number = parse_uri(uri)
+    if alias is not None:
         version = _version_by_alias(client, name, alias)
         if version is None:
             aliases = ", ".join(client.get_registered_model(name).aliases) or "none"
             raise tracking.TrackingError(f"{uri}: model {name!r} has no alias {alias!r}; its aliases: {aliases}")
         return version
-    name, _, number = ref.rpartition("/")
     _version_by_alias(client, name, CHAMPION)  # the model-exists check
     try:
         return client.get_model_version(name, number)
@@ -201,9 +210,10 @@ def load(uri: str, root: Path, params: Params) -> tuple[Any, Any, Params, Any]:
     from peftflow import artifacts
     from peftflow.model import load_base_for, load_tokenizer
 
+    parse_uri(uri)  # a malformed URI is named before any store is opened
     client, _ = tracking.connect(params, root)
     version = resolve(client, uri)
     dst = fetched(client, version, root, params)
     model_params = read_resolved(dst / "params.yaml").rebased(root)
-    model = artifacts.load(load_base_for(model_params), dst)
+    model = artifacts.load(load_base_for(model_params), dst, verified=True)  # fetched() checked it
     return model.eval(), load_tokenizer(model_params.model), model_params, version

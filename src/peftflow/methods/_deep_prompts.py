@@ -34,6 +34,12 @@ class DeepPrompts(Method):
     trains = "prompts"
 
     def apply(self, model: nn.Module, params) -> nn.Module:
+        heads = ("num_attention_heads", "n_head", "num_heads")  # where peft looks for them
+        if not any(getattr(model.config, key, None) for key in heads):
+            raise ValueError(
+                f"method {self.name}: the model ({model.config.model_type}) has no attention heads, so no keys and "
+                f"values to prefix; use a method that trains weights (lora, ia3, ...) or prompt embeddings (prompt)"
+            )
         config = prefix_config(params.num_virtual_tokens, params.prefix_projection, params.encoder_hidden_size)
         return get_peft_model(model, config)
 

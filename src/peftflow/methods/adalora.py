@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 from peft import AdaLoraConfig, get_peft_model
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from peftflow.methods import MethodParams, register
@@ -33,6 +33,12 @@ class Params(MethodParams):
     delta_t: int = Field(1, ge=1)  # steps between budget updates
     orth_reg_weight: float = Field(0.5, ge=0)
     total_step: int | None = None  # None: train.max_steps
+
+    @model_validator(mode="after")
+    def _budget_shrinks(self) -> Params:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r {self.target_r} exceeds init_r {self.init_r}: the budget can only shrink")
+        return self
 
 
 @register
