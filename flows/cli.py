@@ -85,8 +85,8 @@ def compare(
     for name in method or []:
         run_or_exit(project.params, name)
     try:
-        report = run_or_exit(flow, methods=method or None, seeds=seeds, token_budget=token_budget,
-                             project=project, data_version=data_version, prepare=prepare)  # fmt: skip
+        report = _runs_or_exit(flow, methods=method or None, seeds=seeds, token_budget=token_budget,
+                               project=project, data_version=data_version, prepare=prepare)  # fmt: skip
     except ComparisonFailed as e:  # some runs failed; the report, naming them, was still written
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -101,7 +101,9 @@ def _flow_run(flow, **kwargs):
     """The flow run, its bad input one red line and exit code 2; with a temporary Prefect server that
     stops with this process if no Prefect API is configured."""
     from flows.serve import temporary_server
+    from peftflow.versioning import check_project
 
+    run_or_exit(check_project, kwargs["project"].root)
     with temporary_server():
         return run_or_exit(flow, **kwargs)
 
@@ -111,8 +113,10 @@ def _runs_or_exit(flow, **kwargs):
     line and exit code 2; runs that failed (the others were registered) one line and exit code 1."""
     from peftflow import tracking
     from peftflow.cluster.jobs import RunsFailed, check_runner
+    from peftflow.versioning import check_project
 
     project = kwargs["project"]
+    run_or_exit(check_project, project.root)
     run_or_exit(check_runner, project)
     run_or_exit(tracking.connect, project.params(None), project.root)  # the store answers, before any run
     try:
@@ -140,13 +144,13 @@ def sweep(
     from rich.console import Console
 
     from flows.pipeline import sweep as flow
+    from peftflow import sweep as sweep_core
     from peftflow.pipeline import Project, check_overrides
     from peftflow.sweep import SweepFailed
 
     project = Project(root=root, overrides=overrides or [])
     run_or_exit(check_overrides, project.overrides)
-    if method:
-        run_or_exit(project.params, method)
+    run_or_exit(sweep_core.check, project, method, trials)  # the space too: one line before any flow run
     try:
         report = _runs_or_exit(flow, method=method, n_trials=trials, train_best=train_best, project=project,
                                data_version=data_version)  # fmt: skip

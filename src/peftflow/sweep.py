@@ -225,11 +225,11 @@ class Plan(BaseModel):
     journal_dir: Path  # the Optuna journal when sweep.storage is null, relative to the project
 
 
-def plan(project, data_version, method: str | None = None, trials: int | None = None) -> Plan:
-    """The sweep; bad input fails here, in one line, before anything trains."""
-    from peftflow import data
+def check(project, method: str | None = None, trials: int | None = None) -> tuple[SweepParams, Any]:
+    """The sweep's params, its space sampled through the params validation: what needs no data, so
+    that the command line checks it before any flow run starts. (The sweep's params, the method's.)"""
     from peftflow.config import ParamsError
-    from peftflow.pipeline import check_overrides, with_data
+    from peftflow.pipeline import check_overrides
 
     base = project.params(None)
     cfg = base.sweep.model_copy(update={k: v for k, v in (("method", method), ("trials", trials)) if v})
@@ -238,16 +238,27 @@ def plan(project, data_version, method: str | None = None, trials: int | None = 
         raise ParamsError(
             "train.eval_every: 0: a sweep scores each trial at its periodic validations; set it to a step count"
         )
-    manifest = data.read_manifest(with_data(base, data_version).rebased(project.root).data.out_dir)
-    if cfg.metric == "val_accuracy" and not manifest.get("labels"):
-        raise ParamsError("sweep.metric: val_accuracy needs answers from a closed label set (data.format: text_label); "
-                          "use val_loss")  # fmt: skip
     for extra in sample_overrides(cfg):
         check_overrides(extra)
         try:
             project.model_copy(update={"overrides": [*project.overrides, *extra]}).params(cfg.method)
         except ParamsError as e:
             raise ParamsError(f"sweep.space: {extra[0]}: {e}") from None
+    return cfg, params
+
+
+def plan(project, data_version, method: str | None = None, trials: int | None = None) -> Plan:
+    """The sweep; bad input fails here, in one line, before anything trains."""
+    from peftflow import data
+    from peftflow.config import ParamsError
+    from peftflow.pipeline import with_data
+
+    cfg, params = check(project, method, trials)
+    base = project.params(None)
+    manifest = data.read_manifest(with_data(base, data_version).rebased(project.root).data.out_dir)
+    if cfg.metric == "val_accuracy" and not manifest.get("labels"):
+        raise ParamsError("sweep.metric: val_accuracy needs answers from a closed label set (data.format: text_label); "
+                          "use val_loss")  # fmt: skip
     return Plan(
         method=cfg.method, trials=cfg.trials, metric=cfg.metric, direction=cfg.direction, sweep=cfg, seed=base.seed,
         warmup_step=cfg.warmup_evals * params.train.eval_every, out_dir=cfg.out_dir / cfg.method,

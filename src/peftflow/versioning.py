@@ -50,6 +50,22 @@ def git_dirty(root: Path) -> bool:
     return out.returncode == 0 and bool(out.stdout.strip())
 
 
+def check_project(root: Path) -> None:
+    """A flow's project: a git work tree with DVC initialized (what ``dvc repro`` and the runs'
+    ``git.commit`` tags need), named in one line before any flow run starts."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VersioningError(f"{root}: no such project folder (--root)")
+    inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
+    if inside.stdout.strip() != "true":
+        raise VersioningError(
+            f"{root}: not a git repository; a peftflow project versions its code with git and its data with DVC "
+            f"(`git init && dvc init`, then commit params/ and dvc.yaml)"
+        )
+    if not (root / ".dvc").is_dir():
+        raise VersioningError(f"{root}: not a DVC project (no .dvc folder); run `dvc init` there")
+
+
 @contextlib.contextmanager
 def _repo(root: Path) -> Iterator:
     """The project's DVC repo, with the cwd at its root while in use: DVC resolves targets and
