@@ -100,12 +100,16 @@ def compare(
 def _flow_run(flow, **kwargs):
     """The flow run, its bad input one red line and exit code 2; with a temporary Prefect server that
     stops with this process if no Prefect API is configured."""
-    from flows.serve import temporary_server
+    from flows.serve import ServeError, temporary_server
+    from peftflow.cli_common import fail
     from peftflow.versioning import check_project
 
     run_or_exit(check_project, kwargs["project"].root)
-    with temporary_server():
-        return run_or_exit(flow, **kwargs)
+    try:
+        with temporary_server():
+            return run_or_exit(flow, **kwargs)
+    except ServeError as e:  # the server did not start (its log's last lines are in the message)
+        fail(str(e))
 
 
 def _runs_or_exit(flow, **kwargs):

@@ -267,6 +267,7 @@ def temporary_server() -> Iterator[None]:
     import tempfile
 
     import prefect
+    from filelock import FileLock
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url or not sys.platform.startswith("linux"):
@@ -282,26 +283,32 @@ def temporary_server() -> Iterator[None]:
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # fmt: skip
     log = Path(tempfile.mkstemp(prefix="peftflow-prefect-server-", suffix=".log")[1])
+    home = Path(get_current_settings().home)
+    home.mkdir(parents=True, exist_ok=True)
     print(f"Starting a temporary Prefect server on {api} (it stops with this process)", file=sys.stderr)
-    parent = os.getpid()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: _stop_with_parent(parent)
-        )
+    parent, proc = os.getpid(), None
     try:
-        _wait_healthy(f"{api}/health", proc, log, "the temporary Prefect server")
+        # one server at a time starts: each migrates the database they share (PREFECT_HOME's), and two
+        # flows started at once had one server fail ("Online migration expected to match one row")
+        with FileLock(home / ".peftflow-server-start.lock"):
+            with log.open("w") as out:
+                proc = subprocess.Popen(
+                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: _stop_with_parent(parent)
+                )
+            _wait_healthy(f"{api}/health", proc, log, "the temporary Prefect server")
         os.environ["PREFECT_API_URL"] = api  # for the run's processes (Ray workers, isolated runs)
         with temporary_settings(updates={PREFECT_API_URL: api}):
             yield
     finally:
-        _drain_to(proc)
         os.environ.pop("PREFECT_API_URL", None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            _drain_to(proc)
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.unlink(missing_ok=True)
 
 
