@@ -199,7 +199,7 @@ CASES: dict[str, Case] = {
     "a DeepSpeed config that does not exist": _set(
         "distributed.strategy=deepspeed",
         "distributed.deepspeed={tmp}/zero9.json",
-        r"distributed.deepspeed: .*zero9.json",
+        r"^error: distributed.deepspeed: .*zero9.json: no such DeepSpeed config file",
         method="lora",
     ),
     "an accelerate config that does not exist": _set(
@@ -347,12 +347,12 @@ CASES: dict[str, Case] = {
     "a model folder without config.json": (
         lambda p: _remove(p / "model" / "config.json"),
         ["train", "-m", "lora"],
-        r"model.*config.json",
+        r"model.name_or_path: .*model has no config.json; expected a Hugging Face checkpoint folder",
     ),
     "a model config.json that is not JSON": (
         lambda p: _write(p / "model" / "config.json", "{not json"),
         ["train", "-m", "lora"],
-        r"config.json.*JSON",
+        r"model.name_or_path: .*model: cannot be loaded: .*config.json' is not a valid JSON file",
     ),
     "a model folder without its tokenizer": (
         lambda p: [_remove(f) for f in (p / "model").iterdir() if "token" in f.name],

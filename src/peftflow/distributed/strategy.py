@@ -36,6 +36,8 @@ def check_method(method, params) -> None:
     why = method.unsupported(strategy, params.method)
     if why:
         raise ValueError(f"method {method.name} with distributed.strategy {strategy}: {why}")
+    if strategy == "deepspeed":
+        deepspeed_config(params)  # a missing or broken config file: named here, not by each launched worker
 
 
 def deepspeed_config(params, path: Path | str | None = None) -> dict[str, Any]:
