@@ -99,12 +99,11 @@ def compare(
 
 def _flow_run(flow, **kwargs):
     """The flow run, its bad input one red line and exit code 2; with a temporary Prefect server that
-    stops with this process if no Prefect API is configured."""
+    stops with this process if no Prefect API is configured. Callers check the project first
+    (:func:`peftflow.versioning.check_project`), before they open its MLflow store."""
     from flows.serve import ServeError, temporary_server
     from peftflow.cli_common import fail
-    from peftflow.versioning import check_project
 
-    run_or_exit(check_project, kwargs["project"].root)
     try:
         with temporary_server():
             return run_or_exit(flow, **kwargs)
@@ -200,8 +199,10 @@ def reproduce(
     from flows.pipeline import reproduce as flow
     from peftflow import tracking
     from peftflow.pipeline import Project
+    from peftflow.versioning import check_project
 
     project = Project(root=root)
+    run_or_exit(check_project, project.root)
     client, _ = run_or_exit(tracking.connect, project.params(None), project.root)
     run_or_exit(tracking.get_run, client, run_id)  # an unknown run: one line, before the flow starts
     typer.echo(
@@ -247,6 +248,7 @@ def rlhf(
     from flows.rlhf import rlhf as flow
     from peftflow.pipeline import Project, check_overrides
     from peftflow.rlhf.stages import STAGES, StageResult, load_stage, summary_rows
+    from peftflow.versioning import check_project
 
     project = Project(root=root, overrides=overrides or [])
     run_or_exit(check_overrides, project.overrides)
@@ -258,6 +260,7 @@ def rlhf(
             f"error: --force {', '.join(unknown)}: unknown stage; stages: {', '.join(STAGES)}", fg="red", err=True
         )
         raise typer.Exit(2)
+    run_or_exit(check_project, project.root)
     results = [StageResult(**r) for r in _flow_run(flow, project=project, force=force or [])]
     table = Table(title="rlhf (held-out prompts and pairs)", title_justify="left")
     for col in ("stage", "version", "how", "result"):

@@ -115,12 +115,12 @@ def weights_identity(params: ModelParams) -> str:
 
 
 def _not_found(params: ModelParams, e: OSError) -> FileNotFoundError:
+    first = str(e).splitlines()[0]
     if Path(params.name_or_path).is_dir():  # there, but not loadable (a damaged config, a missing file)
-        first = str(e).splitlines()[0]
         return FileNotFoundError(f"model.name_or_path: {params.name_or_path}: cannot be loaded: {first}")
     return FileNotFoundError(
         f"model.name_or_path: {params.name_or_path!r} is neither a local checkpoint folder nor a model in the "
-        f"local Hugging Face cache (peftflow does not download weights): {str(e).splitlines()[0]}"
+        f"local Hugging Face cache (peftflow does not download weights): {first}"
     )
 
 
