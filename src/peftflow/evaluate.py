@@ -4,6 +4,11 @@ Label accuracy scores each candidate answer by its log-likelihood after the prom
 most likely. Prompts are left-padded so every row ends in the last column; for single-token
 answers (the default task) one forward pass with ``logits_to_keep=1`` scores all of them, so the
 49k-entry vocabulary projection runs for one position per row, not the whole sequence.
+
+A run is scored on two splits: **test**, reported (``metrics.json``, beside the base model
+zero-shot), and **val**, what promotion decides on (``val_loss``, ``val_accuracy``, and
+``selection.json``: each example's summed loss, answer tokens and whether its label was right, so
+:mod:`peftflow.promote` can pair a candidate with the champion example by example).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,6 +39,9 @@ from peftflow.tokens import (
     encode_prompt,
 )
 
+SELECTION_SPLIT = "val"  # what promotion decides on; the test split is reported, never used to decide
+SELECTION_FILE = "selection.json"  # a run's per-example values on it, beside metrics.json
+
 
 def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     """Index chunks of similar length, so little of each batch is padding."""
@@ -48,6 +56,17 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+class Heldout(NamedTuple):
+    """One pass over held-out examples: the mean cross-entropy per completion token (nats), each
+    example's summed cross-entropy and completion-token count (for paired tests; see
+    :mod:`peftflow.promote`), and with single-token labels each label's log-probability."""
+
+    loss: float
+    nll: torch.Tensor  # (N,) summed over each example's completion tokens
+    tokens: torch.Tensor  # (N,) completion tokens per example
+    scores: torch.Tensor | None  # (N, L) or None
+
+
 @torch.no_grad()
 def heldout_pass(
     model,
@@ -57,34 +76,35 @@ def heldout_pass(
     device,
     label_ids: list[int] | None = None,
     virtual: int = 0,
-) -> tuple[float, torch.Tensor | None]:
-    """Mean cross-entropy per completion token (nats), and with single-token ``label_ids`` the
-    (N, L) log-probabilities of each label at every answer's first position, from the same pass.
-    ``virtual``: soft tokens the model puts before the input (see :func:`peftflow.tokens.answer_logits`)."""
+) -> Heldout:
+    """The loss of every example, and with single-token ``label_ids`` the (N, L) log-probabilities
+    of each label at every answer's first position, from the same pass. ``virtual``: soft tokens
+    the model puts before the input (see :func:`peftflow.tokens.answer_logits`)."""
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    nll, tokens = torch.zeros(len(encoded), dtype=torch.float64), torch.zeros(len(encoded), dtype=torch.long)
     scores = torch.zeros(len(encoded), len(label_ids)) if label_ids else None
     for idx in _by_length([len(e) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         with _autocast(device):
             logits, target = answer_logits(model, batch, virtual)
         logits = logits.float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        ).item()
-        count += int((target != IGNORE).sum())
+        per_token = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
+        )  # (B, T), 0 where ignored
+        nll[idx] = per_token.sum(1).double().cpu()
+        tokens[idx] = (target != IGNORE).sum(1).cpu()
         if scores is not None:
             first = target.shape[1] - (target != IGNORE).sum(1)  # (B,) column of each answer's first token
             row = logits[torch.arange(len(idx), device=logits.device), first]  # (B, V)
             scores[idx] = torch.log_softmax(row, -1)[:, label_ids].cpu()
     model.train(was_training)
-    return nll / max(count, 1), scores
+    return Heldout(float(nll.sum()) / max(int(tokens.sum()), 1), nll, tokens, scores)
 
 
 def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device, virtual: int = 0) -> float:
     """Mean cross-entropy per completion token (nats)."""
-    return heldout_pass(model, encoded, pad_id, batch_size, device, virtual=virtual)[0]
+    return heldout_pass(model, encoded, pad_id, batch_size, device, virtual=virtual).loss
 
 
 @torch.no_grad()
@@ -131,7 +151,8 @@ def _encode_for_labels(tokenizer, examples: list[dict], labels: list[str], param
 def label_accuracy(
     model, tokenizer, examples: list[dict], labels: list[str], params: Params, device, virtual: int = 0
 ) -> dict:
-    """Accuracy of picking the most likely answer among ``labels``, overall and per true label."""
+    """Accuracy of picking the most likely answer among ``labels``, overall and per true label,
+    and ``correct``: whether each example's pick was right."""
     prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
     scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual)
@@ -141,7 +162,8 @@ def label_accuracy(
 def _accuracy(scores: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> dict:
     correct = scores.argmax(-1) == gold
     per_label = {label: float(correct[gold == j].float().mean()) for j, label in enumerate(labels) if (gold == j).any()}
-    return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(gold)}
+    return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(gold),
+            "correct": correct}  # fmt: skip
 
 
 def first_token_labels(
@@ -167,32 +189,52 @@ def validation(
     """Training's periodic validation: ``val_loss``, and ``val_accuracy`` from the same pass when the
     labels are single tokens (:func:`first_token_labels`; other answers: the loss only)."""
     first = first_token_labels(tokenizer, params, encoded, examples, labels)
-    loss, scores = heldout_pass(model, encoded, tokenizer.pad_token_id, batch_size, device, first, virtual)
-    out = {"val_loss": loss}
-    if scores is not None:
+    held = heldout_pass(model, encoded, tokenizer.pad_token_id, batch_size, device, first, virtual)
+    out = {"val_loss": held.loss}
+    if held.scores is not None:
         gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
-        out["val_accuracy"] = float((scores.argmax(-1) == gold).float().mean())
+        out["val_accuracy"] = float((held.scores.argmax(-1) == gold).float().mean())
     return out
+
+
+def example_ids(examples: list[dict]) -> list[str]:
+    """A short content hash per example (prompt and answer), so two sets of per-example scores can
+    be checked to be about the same examples, in the same order, before they are paired."""
+    return [hashlib.sha256(f"{ex['prompt']}\0{ex['completion']}".encode()).hexdigest()[:16] for ex in examples]
+
+
+def score_split(
+    model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0,
+    prefix: str = "test_",
+) -> tuple[dict[str, Any], dict[str, list]]:  # fmt: skip
+    """A split's loss and perplexity, and label accuracy when the answers form a closed set (keys
+    ``{prefix}loss`` ...), and the per-example values they are made of: ``nll`` (summed over the
+    answer's tokens), ``tokens`` and ``correct`` (closed label sets), with the examples' ``ids``.
+    ``virtual``: soft tokens the model puts before the input (0 for a base model, or an adapter
+    switched off)."""
+    encoded = [encode(tokenizer, ex, params.data) for ex in examples]
+    gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
+    first = first_token_labels(tokenizer, params, encoded, examples, labels)
+    held = heldout_pass(model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual)
+    out: dict[str, Any] = {f"{prefix}loss": held.loss, f"{prefix}perplexity": math.exp(min(held.loss, 50))}
+    per = {"ids": example_ids(examples), "nll": held.nll.tolist(), "tokens": held.tokens.tolist()}
+    if labels:
+        if held.scores is None:
+            acc = label_accuracy(model, tokenizer, examples, labels, params, device, virtual)
+        else:
+            acc = _accuracy(held.scores, gold, labels)
+        out[f"{prefix}accuracy"] = acc["accuracy"]
+        out[f"{prefix}per_label_accuracy"] = acc["per_label_accuracy"]
+        per["correct"] = [int(c) for c in acc["correct"]]
+    return out, per
 
 
 def score(
     model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0
 ) -> dict[str, Any]:
-    """Test loss and perplexity, and label accuracy when the answers form a closed set. ``virtual``:
-    soft tokens the model puts before the input (0 for a base model, or an adapter switched off)."""
-    encoded = [encode(tokenizer, ex, params.data) for ex in examples]
-    gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
-    first = first_token_labels(tokenizer, params, encoded, examples, labels)
-    loss, scores = heldout_pass(model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual)
-    out: dict[str, Any] = {"test_loss": loss, "test_perplexity": math.exp(min(loss, 50))}
-    if labels:
-        if scores is None:
-            acc = label_accuracy(model, tokenizer, examples, labels, params, device, virtual)
-        else:
-            acc = _accuracy(scores, gold, labels)
-        out["test_accuracy"] = acc["accuracy"]
-        out["test_per_label_accuracy"] = acc["per_label_accuracy"]
-    return out
+    """Test loss and perplexity, and label accuracy when the answers form a closed set (see
+    :func:`score_split`)."""
+    return score_split(model, tokenizer, params, examples, labels, device, virtual)[0]
 
 
 def _to(model, device: torch.device):
@@ -212,7 +254,8 @@ def _zeroshot_key(params: Params, version: str) -> str:
 
 
 def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
-    """Score a finished run and the base model zero-shot on the test split; write metrics.json."""
+    """Score a finished run and the base model zero-shot on the test split, and the run on the
+    selection split; write metrics.json and selection.json (per-example values, for promotion)."""
     run_dir = Path(run_dir)
     manifest = data.read_manifest(params.data.out_dir)
     examples = data.read_split(params.data.out_dir, "test")[: params.eval.max_examples]
@@ -223,6 +266,8 @@ def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
     model = _to(artifacts.load(load_base_for(params), run_dir / "model", verified=True), device)
     virtual = method.input_virtual_tokens(params.method)
     metrics = score(model, tokenizer, params, examples, manifest["labels"], device, virtual)
+    selected, per_example = selection(model, tokenizer, params, manifest, device, virtual)
+    write_selection(run_dir, per_example)
 
     cache = params.train.output_dir / "zeroshot" / f"{_zeroshot_key(params, manifest['version'])}.json"
     if cache.is_file():
@@ -248,11 +293,44 @@ def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
         data_version=manifest["version"],
         base_model=base_model_id(params.model),
         **metrics,
+        **{k: v for k, v in selected.items() if k in ("val_loss", "val_accuracy")},
         zeroshot=Scores(**zeroshot),
         **{k: summary[k] for k in EFFICIENCY if summary.get(k) is not None},
     )
     (run_dir / "metrics.json").write_text(result.model_dump_json(indent=2, exclude_none=True) + "\n")
     return result
+
+
+def selection(model, tokenizer, params: Params, manifest: dict, device, virtual: int = 0) -> tuple[dict, dict]:
+    """The model on the selection split (:data:`SELECTION_SPLIT`, all of it): its figures
+    (``val_loss``, ``val_accuracy``) and the per-example values promotion pairs (see
+    :mod:`peftflow.promote`), tagged with the split and the data version."""
+    examples = data.read_split(params.data.out_dir, SELECTION_SPLIT)
+    figures, per = score_split(model, tokenizer, params, examples, manifest["labels"], device, virtual, prefix="val_")
+    return figures, {"split": SELECTION_SPLIT, "data_version": manifest["version"], **per}
+
+
+def write_selection(run_dir: Path, per_example: dict) -> Path:
+    path = Path(run_dir) / SELECTION_FILE
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(per_example) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def select_artifact(run_dir: Path, root: Path, params: Params) -> dict:
+    """The per-example selection-split values of a downloaded ``run_dir/model`` on ``params``'s
+    data folder (a champion re-scored on a candidate's data); nothing else is computed."""
+    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
+    artifact_params.data.out_dir = params.rebased(root).data.out_dir
+    manifest = data.read_manifest(artifact_params.data.out_dir)
+    method = get_method(artifact_params.method.name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    artifacts.verify(Path(run_dir) / "model")
+    model = _to(artifacts.load(load_base_for(artifact_params), Path(run_dir) / "model", verified=True), device)
+    tokenizer = load_tokenizer(artifact_params.model)
+    virtual = method.input_virtual_tokens(artifact_params.method)
+    return selection(model, tokenizer, artifact_params, manifest, device, virtual)[1]
 
 
 def score_artifact(run_dir: Path, root: Path, params: Params) -> EvalResult:

@@ -87,6 +87,9 @@ class EvalResult(Scores):
     data_version: str
     base_model: str
     zeroshot: Scores
+    # the run on the whole validation split, what promotion decides on (absent in older metrics.json)
+    val_loss: float | None = None
+    val_accuracy: float | None = None
     # copied from the training summary (absent for an artifact evaluated without one)
     trainable_params: int | None = None
     total_params: int | None = None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from peftflow import data, tracking
 from peftflow.config import Params
-from peftflow.evaluate import score_artifact
+from peftflow.evaluate import SELECTION_FILE, score_artifact
 from peftflow.results import TRAIN_METRICS, EvalResult
 from peftflow.training import checkpoint
 from peftflow.training.sft import Callback, resume_fingerprint, train
@@ -82,7 +82,9 @@ def _interrupted_run(local: Params, root: Path, key: str) -> str | None:
 
 
 def evaluate_tracked(run_id: str, root: Path, params: Params) -> EvalResult:
-    """Score the run's logged artifact on the test split; log the metrics to the run. Returns metrics.json.
+    """Score the run's logged artifact on the test and validation splits; log the metrics (at the
+    run's last step: ``val_loss`` then ends the validation curve), metrics.json and selection.json
+    to the run. Returns metrics.json.
 
     ``params`` gives the tracking store and, when the run's data is elsewhere, the data folder.
     """
@@ -91,7 +93,8 @@ def evaluate_tracked(run_id: str, root: Path, params: Params) -> EvalResult:
         result = score_artifact(run_dir, root, params)
         logged = tracking.metrics_to_log(result.flat())
         scored = {k: v for k, v in logged.items() if k not in TRAIN_METRICS}  # training logged those already
-        tracking.log_metrics(client, run_id, scored)
+        tracking.log_metrics(client, run_id, scored, step=result.steps or 0)
         client.log_artifact(run_id, str(run_dir / "metrics.json"))
+        client.log_artifact(run_id, str(run_dir / SELECTION_FILE))
         client.set_tag(run_id, "peftflow.evaluated", "true")
     return result
