@@ -51,7 +51,9 @@ def experiment(
     console = Console()
     console.print(results_table(results))
     for r in results:
-        console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {'; '.join(r['reasons'])}")
+        console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {r['summary']}")
+        for reason in r["reasons"]:
+            console.print(f"  - {reason}")
 
 
 @flows_app.command()
@@ -90,7 +92,7 @@ def compare(
     except ComparisonFailed as e:  # some runs failed; the report, naming them, was still written
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
-    metric = project.params(None).promote.metric
+    metric = project.params(None).promote.reported_metric
     typer.echo(leaderboard.to_markdown(report["table"], metric))  # not wrapped: it is Markdown, to paste
     for line in report["notes"]:
         typer.echo(f"- {line}")
@@ -170,17 +172,19 @@ def results_table(results: list[dict]):
     """The experiment's results: test metrics, cost and the promotion outcome, a row per method."""
     from rich.table import Table
 
-    table = Table(title="experiment (test split)", title_justify="left")
-    for col in ("method", "accuracy", "zero-shot", "loss", "trainable", "tok/s", "champion"):
+    def pct(m: dict, key: str) -> str:
+        return f"{100 * m[key]:.1f}%" if key in m else "-"
+
+    table = Table(title="experiment: accuracy on val (decides) and test (reported)", title_justify="left")
+    for col in ("method", "val", "test", "zero-shot", "test loss", "trainable", "tok/s", "champion"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
         m = r["metrics"]
-        acc = f"{100 * m['test_accuracy']:.1f}%" if "test_accuracy" in m else "-"
-        zs = f"{100 * m['zeroshot_test_accuracy']:.1f}%" if "zeroshot_test_accuracy" in m else "-"
         table.add_row(
             r["method"],
-            acc,
-            zs,
+            pct(m, "val_accuracy"),
+            pct(m, "test_accuracy"),
+            pct(m, "zeroshot_test_accuracy"),
             f"{m['test_loss']:.4f}",
             f"{m.get('trainable_pct', 0):.2f}%",
             f"{m.get('tokens_per_s', 0):,.0f}",

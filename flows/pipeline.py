@@ -46,10 +46,11 @@ def evaluate(run_id: str, project: Project = HERE, data_version: DataVersion | N
 
 
 @flow(name="register")
-def register(run_id: str, project: Project = HERE) -> str:
-    """A new registry version from the run's artifact; alias `candidate` moves to it."""
+def register(run_id: str, project: Project = HERE, seed_runs: list[str] | None = None) -> str:
+    """A new registry version from the run's artifact; alias `candidate` moves to it. `seed_runs`:
+    every run of a multi-seed candidate (promote.seeds), which promotion judges by their mean."""
     project = project.frozen()
-    return steps.register(project, run_id)
+    return steps.register(project, run_id, seed_runs)
 
 
 @flow(name="promote")
@@ -83,19 +84,33 @@ def _job(project: Project, method: str, data: DataVersion, name: str, tags: dict
 
 
 def _each_method(methods: list[Method], data: DataVersion, project: Project) -> tuple[list[dict], list[JobResult]]:
-    """finetune -> evaluate for every method on the runner (at once, where it runs several), then
-    register -> promote for each in order; the results, and the runs that failed (left out: the
-    flow fails naming them once the others are registered and published)."""
-    trained = on_runner(project, [_job(project, m, data, m) for m in methods])
-    results = []
-    for method, run in zip(methods, trained, strict=True):
-        if run.error:
-            continue
-        version = register(run.run_id, project)
+    """finetune -> evaluate for every method (``promote.seeds`` runs each, seeds seed, seed+1, ...)
+    on the runner (at once, where it runs several), then register -> promote for each in order:
+    with several seeds the best one's adapter is registered and their mean is judged. The results,
+    and the runs that failed (their method left out: the flow fails naming them once the others
+    are registered and published)."""
+    policy = project.params(None).promote
+    jobs, owner = [], []
+    for method in methods:
+        first = project.params(method).seed
+        for seed in range(first, first + policy.seeds) if policy.seeds > 1 else [None]:
+            run_project = project if seed is None else project.model_copy(
+                update={"overrides": [*project.overrides, f"seed={seed}"]})  # fmt: skip
+            jobs.append(_job(run_project, method, data, method if seed is None else f"{method}-seed{seed}"))
+            owner.append(method)
+    trained = on_runner(project, jobs)
+    results, failed = [], [r for r in trained if r.error]
+    for method in methods:
+        runs = [r for m, r in zip(owner, trained, strict=True) if m == method]
+        if any(r.error for r in runs):
+            continue  # a mean over the seeds that finished would not be the candidate asked for
+        sign = 1 if policy.higher_is_better else -1
+        best = max(runs, key=lambda r: sign * r.metrics.get(policy.metric, -sign * float("inf")))
+        version = register(best.run_id, project, [r.run_id for r in runs] if len(runs) > 1 else None)
         decision = promote(version, project, data)  # this flow's version, wherever `candidate` points now
-        results.append({"method": method, "run_id": run.run_id, "version": version, "metrics": run.metrics,
-                        **decision})  # fmt: skip
-    return results, [r for r in trained if r.error]
+        results.append({"method": method, "run_id": best.run_id, "version": version, "metrics": best.metrics,
+                        "seed_runs": [r.run_id for r in runs], **decision})  # fmt: skip
+    return results, failed
 
 
 def _fail_if(failed: list[JobResult], total: int) -> None:

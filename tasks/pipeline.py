@@ -49,8 +49,8 @@ def evaluate(project: Project, run_id: str, data_version: DataVersion | None = N
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register(project: Project, run_id: str) -> str:
-    version = pipeline.register(project, run_id)
+def register(project: Project, run_id: str, seed_runs: list[str] | None = None) -> str:
+    version = pipeline.register(project, run_id, seed_runs)
     get_run_logger().info("run %s registered as version %s (alias candidate)", run_id, version)
     return version
 
@@ -58,8 +58,8 @@ def register(project: Project, run_id: str) -> str:
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(project: Project, version: str, data_version: DataVersion | None = None) -> dict:
     decision = pipeline.promote(project, version, data_version)
-    get_run_logger().info("version %s: %s", version, decision)
-    return {"promoted": decision.promote, "reasons": decision.reasons}
+    get_run_logger().info("version %s: %s", version, decision.summary)
+    return {"promoted": decision.promote, "summary": decision.summary, "reasons": decision.reasons}
 
 
 @task(name="reproduce", cache_policy=NO_CACHE)
@@ -164,7 +164,7 @@ def publish_compare(project: Project, report: dict[str, Any]) -> None:
     """The leaderboard as a table artifact (key ``compare-leaderboard``) and a Markdown summary
     (``compare-summary``: notes, table, where the files and the MLflow parent run are)."""
     params = project.params(None)
-    metric = params.promote.metric
+    metric = params.promote.reported_metric
     table = [{k: v for k, v in r.items() if k != "run_ids"} for r in report["table"]]
     create_table_artifact(table, key="compare-leaderboard", description=f"best first by {metric}")
     _, experiment_id = tracking.connect(params, project.root)

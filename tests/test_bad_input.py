@@ -164,12 +164,19 @@ CASES: dict[str, Case] = {
     # --- promotion, nightly, compare, runner, sweep
     "a promotion metric no run logs": _set(
         "promote.metric=test_acuracy",
-        r"promote.metric: 'test_acuracy' is not a metric a run logs; did you mean 'test_accuracy'\?",
+        r"promote.metric: 'test_acuracy' is not a metric a run logs; did you mean 'val_accuracy'\?",
         method="lora",
     ),
     "a guard on a metric no run logs": _set(
-        "promote.guards={test_los: {higher_is_better: false}}", r"promote.guards: 'test_los'.*did you mean 'test_loss'"
+        "promote.guards={val_los: {higher_is_better: false}}", r"promote.guards: 'val_los'.*did you mean 'val_loss'"
     ),
+    "a promotion decided on the test split": _set(
+        "promote.metric=test_accuracy",
+        r"promote.metric: 'test_accuracy' is a test-split figure: the test split is reported, never used to "
+        r"decide; use 'val_accuracy'",
+        method="lora",
+    ),
+    "a promotion confidence of 1": _set("promote.confidence=1", r"promote.confidence: .*less than 1"),
     "a negative promotion margin": _set("promote.min_delta=-0.1", r"promote.min_delta: .*greater than or equal to 0"),
     "a time zone that does not exist": _set("nightly.timezone=Mars/Base", r"nightly.timezone: .*Mars/Base"),
     "a nightly method that does not exist": _set(

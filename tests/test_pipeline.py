@@ -76,7 +76,12 @@ def test_experiment_flow_registers_promotes_and_logs_lineage(project, harness):
     assert run.data.params["train.lr"] == "0.005" and run.data.params["method.r"] == "16"
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
     assert len(losses) == 12 and losses[-1] < losses[0]  # logged every 2 of 24 steps
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [4, 8, 12, 16, 20, 24]
+    val = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: (m.step, m.timestamp))
+    assert [m.step for m in val] == [4, 8, 12, 16, 20, 24, 24]  # periodic, then the evaluation's (whole split)
+    assert run.data.metrics["val_loss"] == val[-1].value and "val_accuracy" in run.data.metrics
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "selection.json"}
+    assert version.tags["peftflow.val_accuracy"] == f"{run.data.metrics['val_accuracy']:.4f}"
+    assert strong[0]["summary"].startswith("val_accuracy ") and strong[0]["summary"].endswith(": promoted")
     for key in ("test_accuracy", "test_loss", "zeroshot_test_loss", "trainable_params", "tokens_per_s"):
         assert key in run.data.metrics
     assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {again.version}
@@ -253,10 +258,16 @@ def test_new_data_rescores_the_champion_before_comparing(project, harness):
     new_version = client.get_model_version(MODEL, result["version"]).tags["peftflow.data_version"]
     assert new_version != champion.tags["peftflow.data_version"]
 
-    rescored = registry.evaluate_version(client, MODEL, champion.version, project, Project(root=project).params(None))
-    assert rescored["test_loss"] != client.get_run(champion.run_id).data.metrics["test_loss"]  # another test set
-    assert f"vs {rescored['test_accuracy']:.4f}" in result["reasons"][0]
-    assert f"test_loss {result['metrics']['test_loss']:.4f} vs {rescored['test_loss']:.4f}" in result["reasons"][1]
+    # the champion scored example by example on the new validation split, paired with the candidate's
+    params = Project(root=project).params(None)
+    rescored = registry.selection_of(client, champion.run_id, champion.source, "champion", project, params)
+    logged = registry._logged_selection(client, champion.run_id)
+    assert rescored["data_version"] == new_version != logged["data_version"] and rescored["ids"] != logged["ids"]
+    mine = registry._logged_selection(client, result["run_id"])
+    assert mine["ids"] == rescored["ids"]  # the same examples, in the same order
+    accuracy, loss = sum(rescored["correct"]) / len(rescored["ids"]), sum(rescored["nll"]) / sum(rescored["tokens"])
+    assert f"vs {accuracy:.4f}: " in result["reasons"][0], result["reasons"]
+    assert f"guard val_loss {result['metrics']['val_loss']:.4f} vs {loss:.4f}" in result["reasons"][1]
     assert not result["promoted"] and _aliases(client)["champion"] == str(champion.version)
 
 
@@ -402,8 +413,9 @@ def test_experiment_command_line_prints_the_results(project, harness):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "experiment (test split)" in out and ("│     kept │" in out or "│ promoted │" in out), out[-1500:]
-    assert "lora (run " in out and "test_accuracy" in out
+    assert "experiment: accuracy on val (decides) and test (reported)" in out, out[-1500:]
+    assert "│     kept │" in out or "│ promoted │" in out, out[-1500:]
+    assert "lora (run " in out and "val_accuracy" in out and "95% CI [" in out
     bad = CliRunner().invoke(app, ["experiment", "-m", "nope", "--root", str(project)])
     assert bad.exit_code == 2 and "no params file for method 'nope'" in bad.output
 

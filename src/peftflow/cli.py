@@ -191,7 +191,7 @@ def leaderboard(
     params = _project_params(params_dir, overrides)
     records = run_or_exit(core.from_metrics_files, files)
     table = run_or_exit(board.rows, records, params.promote)
-    metric = params.promote.metric
+    metric = params.promote.reported_metric
     lines = [f"{len(files)} metrics files from {metrics_dir}, ranked by {metric}", *core.frontier_notes(table, metric)]
     core.write_report(out_dir, table, records, metric, "peftflow leaderboard", lines)
     typer.echo(board.to_markdown(table, metric))  # not wrapped: it is Markdown, to paste

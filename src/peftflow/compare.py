@@ -232,7 +232,7 @@ def finish(
     failed). Returns the table, the notes, where the report is and ``failed`` (None, or which runs
     failed and why: the caller publishes the report, then fails)."""
     params = project.params(None)
-    metric = params.promote.metric
+    metric = params.promote.reported_metric
     table = leaderboard.rows(records, params.promote)
     lines = notes(the_plan, data_version, table, metric)
     out = project.root / (out_dir or the_plan.out_dir)

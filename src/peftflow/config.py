@@ -156,33 +156,62 @@ class Guard(Strict):
 
 class PromoteParams(Strict):
     model_name: str = "peftflow-sentiment"  # the registered model every method's versions go to
-    metric: str = "test_accuracy"  # the primary metric (a key of metrics.json)
+    metric: str = "val_accuracy"  # the primary metric, on the validation split (never test)
     higher_is_better: bool = True
-    min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion by more than this
-    guards: dict[str, Guard] = {"test_loss": Guard(higher_is_better=False, tolerance=0.0)}
+    min_delta: float = Field(0.0, ge=0)  # the interval's low end of the gain must be above this
+    guards: dict[str, Guard] = {"val_loss": Guard(higher_is_better=False, tolerance=0.0)}
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # of the paired bootstrap interval
+    resamples: int = Field(10000, ge=1000)  # bootstrap resamples
+    seeds: int = Field(1, ge=1)  # runs per candidate (seed, seed+1, ...); judged by their mean
+    lock_timeout_s: float = Field(600.0, gt=0)  # how long a promotion waits for another to finish
 
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        return _metric_name(value)
+        return _not_test(_metric_name(value))
 
     @field_validator("guards")
     @classmethod
     def _known_guards(cls, value: dict[str, Guard]) -> dict[str, Guard]:
         for name in value:
-            _metric_name(name)
+            _not_test(_metric_name(name))
         return value
+
+    @property
+    def reported_metric(self) -> str:
+        """The primary metric's held-out figure, as reports and leaderboards show it
+        (``val_accuracy`` -> ``test_accuracy``); a metric with no test figure, itself."""
+        from peftflow.results import metric_names
+
+        test = "test_" + self.metric.removeprefix("val_")
+        return test if self.metric.startswith("val_") and test in metric_names()[0] else self.metric
+
+
+def _not_test(name: str) -> str:
+    """The test split is reported, never used to decide: a selection on it makes its figure optimistic."""
+    from peftflow.results import metric_names
+
+    if name.startswith(("test_", "zeroshot_test_")):
+        val = "val_" + name.split("test_", 1)[1]
+        use = repr(val) if val in metric_names()[0] else "val_accuracy or val_loss"
+        raise ValueError(
+            f"{name!r} is a test-split figure: the test split is reported, never used to decide; use {use} "
+            f"(the validation split)"
+        )
+    return name
 
 
 def _metric_name(name: str) -> str:
-    """``name`` if a run can log a metric so called (a typo must fail before training, not after)."""
+    """``name`` if a run can log a metric so called (a typo must fail before training, not after);
+    the names suggested are those promotion may decide on (not the test split's)."""
     from peftflow.results import metric_names
 
     names, prefixes = metric_names()
     if name not in names and not name.startswith(prefixes):
-        close = difflib.get_close_matches(name, sorted(names), n=1)
+        allowed = sorted(n for n in names if not n.startswith(("test_", "zeroshot_test_")))
+        close = difflib.get_close_matches(name.replace("test_", "val_", 1), allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"{name!r} is not a metric a run logs; {hint}e.g. test_accuracy, test_loss, val_accuracy")
+        raise ValueError(f"{name!r} is not a metric a run logs; {hint}e.g. val_accuracy, val_loss")
     return name
 
 

@@ -47,9 +47,9 @@ def frontier(points: dict[str, tuple[float, float]], higher_is_better: bool = Tr
 
 
 def rows(records: list[dict[str, Any]], policy: PromoteParams) -> list[dict[str, Any]]:
-    """One row per method, best first by the mean of ``policy.metric``; methods whose every run failed
+    """One row per method, best first by the mean of ``policy.reported_metric``; methods whose every run failed
     come last with their error. Row 0 is the base model zero-shot (from any run that has it)."""
-    metric = policy.metric
+    metric = policy.reported_metric  # a report of held-out figures; promotion decides on validation
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)

@@ -199,17 +199,18 @@ def evaluate(project: Project, run_id: str, data_version: DataVersion | None = N
     return tracking.metrics_to_log(result.flat())
 
 
-def register(project: Project, run_id: str) -> str:
+def register(project: Project, run_id: str, seed_runs: list[str] | None = None) -> str:
     """Register the run's artifact as a new version; alias ``candidate`` -> it. The version
-    number, which the caller hands to :func:`promote` (``candidate`` may move on meanwhile)."""
+    number, which the caller hands to :func:`promote` (``candidate`` may move on meanwhile).
+    ``seed_runs``: all runs of a multi-seed candidate (``promote.seeds``), judged by their mean."""
     params = project.params(None)
     client, _ = tracking.connect(params, project.root)
-    return registry.register(client, run_id, params.promote.model_name)
+    return registry.register(client, run_id, params.promote.model_name, seed_runs)
 
 
 def promote(project: Project, version: str, data_version: DataVersion | None = None) -> Decision:
-    """Move alias ``champion`` to registered ``version`` if the promotion policy says it is better
-    (a champion from other data is re-scored on ``data_version``'s test split)."""
+    """Move alias ``champion`` to registered ``version`` if the promotion policy says it is better,
+    on the validation split of ``data_version`` (a champion from other data is scored on it first)."""
     params = with_data(project.params(None), data_version)
     client, _ = tracking.connect(params, project.root)
     return registry.promote(client, project.root, params, version)

@@ -9,9 +9,18 @@ alias points at a failed run. Promotion judges one named version, moves ``champi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
+import os
+import random
 import shutil
+import socket
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +32,12 @@ from mlflow.exceptions import MlflowException
 from peftflow import checksums, data, tracking
 from peftflow.atomic import atomic_dir
 from peftflow.config import Params, read_resolved
-from peftflow.promote import Decision, decide
+from peftflow.promote import Decision, Evidence, decide
 
 log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists only while a promotion moves the champion
 
 
 def _version_by_alias(client: MlflowClient, name: str, alias: str):
@@ -35,7 +45,7 @@ def _version_by_alias(client: MlflowClient, name: str, alias: str):
     try:
         model = client.get_registered_model(name)
     except MlflowException:
-        names = [m.name for m in client.search_registered_models()]
+        names = [m.name for m in client.search_registered_models() if not m.name.endswith(LOCK_SUFFIX)]
         raise tracking.TrackingError(
             f"no registered model {name!r}; registered: {', '.join(names) or 'none'}"
         ) from None
@@ -61,8 +71,14 @@ def aliased(client: MlflowClient, name: str, alias: str) -> dict[str, Any] | Non
     }
 
 
-def register(client: MlflowClient, run_id: str, name: str) -> str:
-    """Register the run's ``model/`` artifact as a new version of ``name``; point ``candidate`` at it."""
+FIGURES = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")  # on every version, as tags
+
+
+def register(client: MlflowClient, run_id: str, name: str, seed_runs: list[str] | None = None) -> str:
+    """Register the run's ``model/`` artifact as a new version of ``name``; point ``candidate`` at it.
+
+    ``seed_runs``: every run of a multi-seed candidate (this one, the best, among them): promotion
+    judges their mean, and the version names them (``peftflow.seed_runs``)."""
     run = tracking.get_run(client, run_id)
     status = run.info.status
     if status != RunStatus.to_string(RunStatus.FINISHED):
@@ -78,6 +94,10 @@ def register(client: MlflowClient, run_id: str, name: str) -> str:
     except MlflowException:
         client.create_registered_model(name, description="peftflow fine-tuned models; aliases: candidate, champion")
     tags = {k: v for k, v in run.data.tags.items() if k in tracking.LINEAGE_KEYS}
+    # the figures it is decided on (val) and reported by (test), side by side on the version
+    tags |= {f"peftflow.{k}": f"{run.data.metrics[k]:.4f}" for k in FIGURES if k in run.data.metrics}
+    if seed_runs and len(seed_runs) > 1:
+        tags["peftflow.seed_runs"] = ",".join(seed_runs)  # peftflow.seed (lineage) says which one this is
     version = client.create_model_version(
         name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags, description=run.info.run_name
     )
@@ -92,10 +112,12 @@ def register(client: MlflowClient, run_id: str, name: str) -> str:
 
 def download(client: MlflowClient, version, dst: Path) -> None:
     """The files of a version's source (its run's model/ artifact) into the folder ``dst``."""
+    _download(client, version.source, dst)
+
+
+def _download(client: MlflowClient, source: str, dst: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="peftflow-download-") as tmp:
-        got = mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source, dst_path=tmp, tracking_uri=client.tracking_uri
-        )
+        got = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=client.tracking_uri)
         Path(dst).mkdir(parents=True, exist_ok=True)
         for item in Path(got).iterdir():
             shutil.move(item, Path(dst) / item.name)
@@ -110,45 +132,196 @@ def evaluate_version(client: MlflowClient, name: str, version: str, root: Path, 
         return tracking.metrics_to_log(score_artifact(Path(tmp), root, params).flat())
 
 
+def _logged_selection(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
+    """A run's per-example validation values (selection.json, logged by its evaluation), or None."""
+    from peftflow.evaluate import SELECTION_FILE
+
+    with tempfile.TemporaryDirectory(prefix="peftflow-selection-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, SELECTION_FILE, tmp)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def selection_of(client: MlflowClient, run_id: str, source: str, what: str, root: Path, params: Params) -> dict:
+    """A run's per-example values on the validation split of ``params``'s data: as its evaluation
+    logged them when that was the same data, else scored now from its artifact at ``source`` (a
+    champion from older data, or one registered before per-example values were kept)."""
+    want = data.read_manifest(params.rebased(root).data.out_dir)["version"]
+    logged = _logged_selection(client, run_id)
+    if logged is not None and logged.get("data_version") == want:
+        return logged
+    from peftflow.evaluate import select_artifact  # torch and the model code, only when re-scored
+
+    log.info("%s: scoring it on the validation split of data %s", what, want)
+    with tempfile.TemporaryDirectory(prefix="peftflow-version-") as tmp:
+        _download(client, source, Path(tmp) / "model")
+        return select_artifact(Path(tmp), root, params)
+
+
+def _mean_selection(selections: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several seeds' per-example values as one: each example's values averaged over the seeds."""
+    first = selections[0]
+    if any(s["ids"] != first["ids"] for s in selections):
+        raise tracking.TrackingError("the seeds of one candidate were scored on different examples")
+    out = dict(first)
+    for key in ("nll", "tokens", "correct"):
+        if key in first:
+            out[key] = [sum(vals) / len(vals) for vals in zip(*(s[key] for s in selections), strict=True)]
+    return out
+
+
+def candidate_evidence(client: MlflowClient, version, root: Path, params: Params) -> Evidence:
+    """What the candidate brings: its run's figures and per-example values, or with several seeds
+    (the version's ``peftflow.seed_runs``) their mean, the registered run first."""
+    metric = params.promote.metric
+    run_ids = [version.run_id]
+    run_ids += [r for r in version.tags.get("peftflow.seed_runs", "").split(",") if r and r != version.run_id]
+    selections, figures, seeds = [], [], []
+    for run_id in run_ids:
+        run = tracking.get_run(client, run_id)
+        source = version.source if run_id == version.run_id else f"{run.info.artifact_uri}/model"
+        selections.append(selection_of(client, run_id, source, f"run {run_id}", root, params))
+        figures.append(dict(run.data.metrics))
+        value = _ratio(selections[-1], metric)
+        seeds.append({"seed": run.data.tags.get("peftflow.seed", "?"), "run_id": run_id,
+                      "value": value if value is not None else figures[-1].get(metric, math.nan)})  # fmt: skip
+    keys = set.intersection(*(set(f) for f in figures))
+    metrics = {k: sum(f[k] for f in figures) / len(figures) for k in keys}
+    label = f"version {version.version} ({version.tags.get('peftflow.method', '?')})"
+    return Evidence(metrics, _mean_selection(selections), seeds, selections if len(selections) > 1 else [], label)
+
+
+def _ratio(selection: dict[str, Any], metric: str) -> float | None:
+    from peftflow.promote import PAIRED
+
+    if metric not in PAIRED or PAIRED[metric][0] not in selection:
+        return None
+    num, den = PAIRED[metric]
+    values = selection[num]
+    return sum(values) / (sum(selection[den]) if den else len(values))
+
+
+@contextlib.contextmanager
+def champion_lock(client: MlflowClient, name: str, timeout_s: float, stale_s: float = 120.0) -> Iterator[None]:
+    """Serialize moves of ``name``'s champion alias across processes and machines.
+
+    The lock is a registered model, ``<name>.promotion-lock``: creating one that exists fails in
+    the store itself (a unique name, for a SQLite file and a tracking server alike), so exactly one
+    creator holds it; it is deleted on release. It is held only while the champion is re-read, the
+    alias set and the decision recorded (well under a second), so one older than ``stale_s`` was
+    left by a process that died holding it, and is removed."""
+    lock, me = f"{name}{LOCK_SUFFIX}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"peftflow.lock_owner": me},
+                description=f"held while peftflow moves the champion alias of {name}; removed right after",
+            )  # fmt: skip
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile
+        age = time.time() - held.creation_timestamp / 1000
+        if age > stale_s:
+            log.warning("%s: removing a lock held for %.0f s by %s (its process is gone)", name, age,
+                        held.tags.get("peftflow.lock_owner", "?"))  # fmt: skip
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise tracking.TrackingError(
+                f"promotion of {name}: another promotion ({held.tags.get('peftflow.lock_owner', '?')}) has held "
+                f"{lock!r} for {age:.0f} s; waited promote.lock_timeout_s={timeout_s:g} s"
+            )
+        time.sleep(0.1 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
 def promote(client: MlflowClient, root: Path, params: Params, version: str) -> Decision:
     """Move ``champion`` to ``version`` if the policy in ``params.promote`` says it is better.
 
     The version is named, not read from ``candidate``: another flow may register (and move
-    ``candidate``) between this flow's register and promote steps."""
+    ``candidate``) between this flow's register and promote steps. The comparison (minutes, when
+    the champion must be scored on this data first) runs unlocked; then under
+    :func:`champion_lock` the champion is read again, and if another promotion moved it meanwhile,
+    the candidate is judged again against the new one. So concurrent promotions end with one
+    champion, the best, and every decision recorded against the champion it was made against."""
     policy, name = params.promote, params.promote.model_name
-    champ = _version_by_alias(client, name, CHAMPION)  # also the model-exists check
+    _version_by_alias(client, name, CHAMPION)  # the model-exists check
     try:
         cand = client.get_model_version(name, version)
     except MlflowException:
         raise tracking.TrackingError(f"registered model {name!r} has no version {version!r}") from None
-    if champ is not None and champ.version == cand.version:
-        return Decision(False, [f"version {cand.version} is already the champion"])
+    _check_data_for(cand, root, params)
+    candidate = candidate_evidence(client, cand, root, params)
+    judged: dict[str, Evidence] = {}
+    while True:
+        champ = _version_by_alias(client, name, CHAMPION)
+        if champ is not None and champ.version == cand.version:
+            return Decision(False, [f"version {cand.version} is already the champion"], "already the champion")
+        champion = None
+        if champ is not None:
+            if champ.version not in judged:
+                if champ.tags.get("peftflow.data_version") != cand.tags.get("peftflow.data_version"):
+                    log.info("champion v%s was evaluated on other data; scoring it on the candidate's", champ.version)
+                examples = selection_of(client, champ.run_id, champ.source, f"champion v{champ.version}", root, params)
+                judged[champ.version] = Evidence(tracking.run_metrics(client, champ.run_id), examples, [],
+                                                 f"version {champ.version}")  # fmt: skip
+            champion = judged[champ.version]
+        decision = decide(candidate, champion, policy)
+        with champion_lock(client, name, policy.lock_timeout_s):
+            now = _version_by_alias(client, name, CHAMPION)
+            if (now and now.version) != (champ and champ.version):
+                log.info("%s: champion moved to v%s while v%s was judged; judging it again", name, now.version,
+                         cand.version)  # fmt: skip
+                continue
+            if decision.promote:
+                client.set_registered_model_alias(name, CHAMPION, cand.version)
+            against = f"v{champ.version}" if champ is not None else "none"
+            # recorded once the alias has moved (or stayed), so the tag never claims a move that failed
+            _record(client, cand, against, decision)
+        log.info("%s v%s vs champion %s: %s", name, cand.version, against, decision.summary)
+        return decision
 
-    cand_metrics = tracking.run_metrics(client, cand.run_id)
-    champ_metrics = None
-    if champ is not None:
-        champ_metrics = tracking.run_metrics(client, champ.run_id)
-        if champ.tags.get("peftflow.data_version") != cand.tags.get("peftflow.data_version"):
-            # figures from two test sets do not compare: score the champion on the candidate's data
-            want = cand.tags.get("peftflow.data_version")
-            have = data.read_manifest(params.rebased(root).data.out_dir)["version"]
-            if have != want:
-                raise tracking.TrackingError(
-                    f"the champion must be re-scored on the candidate's data ({want}), but "
-                    f"{params.data.out_dir} holds {have}; run prepare_data for that data first"
-                )
-            log.info("champion v%s was evaluated on other data; evaluating it on the candidate's", champ.version)
-            champ_metrics = evaluate_version(client, name, champ.version, root, params)
-    decision = decide(cand_metrics, champ_metrics, policy)
-    against = f"v{champ.version}" if champ is not None else "none"
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, cand.version)
-    # recorded once the alias has moved (or stayed), so the tag never claims a move that failed
-    client.set_model_version_tag(name, cand.version, "peftflow.promotion_against", against)
-    client.set_model_version_tag(name, cand.version, "peftflow.promotion_reasons", "; ".join(decision.reasons))
-    client.set_model_version_tag(name, cand.version, "peftflow.promotion", "promoted" if decision.promote else "kept")
-    log.info("%s v%s vs champion %s: %s", name, cand.version, against, decision)
-    return decision
+
+def _check_data_for(cand, root: Path, params: Params) -> None:
+    """A candidate is judged on the data it was evaluated on (and the champion scored on it too)."""
+    want = cand.tags.get("peftflow.data_version")
+    have = data.read_manifest(params.rebased(root).data.out_dir)["version"]
+    if have != want:
+        raise tracking.TrackingError(
+            f"version {cand.version} is judged on the data it was evaluated on ({want}), but "
+            f"{params.data.out_dir} holds {have}; run prepare_data for that data first"
+        )
+
+
+def _record(client: MlflowClient, cand, against: str, decision: Decision) -> None:
+    """The decision on the version (tags), and in its run (a tag, the interval as metrics, the
+    whole decision as ``promotion/v<N>.json``)."""
+    name, number = cand.name, cand.version
+    outcome = "promoted" if decision.promote else "kept"
+    tags = {"peftflow.promotion_against": against, "peftflow.promotion_reasons": "; ".join(decision.reasons),
+            "peftflow.promotion_summary": decision.summary, "peftflow.promotion": outcome}  # fmt: skip
+    for key, value in tags.items():
+        client.set_model_version_tag(name, number, key, value[:5000])
+    client.set_tag(cand.run_id, f"peftflow.promotion.v{number}", f"{decision.summary} (against {against})"[:5000])
+    c = decision.comparison
+    if c is not None:
+        tracking.log_metrics(client, cand.run_id, {"promotion_gain": c.gain, "promotion_ci_low": c.low,
+                                                   "promotion_ci_high": c.high}, step=int(number))  # fmt: skip
+    client.log_dict(cand.run_id, {"version": number, "against": against, **decision.record()},
+                    f"promotion/v{number}.json")  # fmt: skip
 
 
 def fetched(client: MlflowClient, version, root: Path, params: Params) -> Path:

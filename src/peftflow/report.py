@@ -1,7 +1,8 @@
 """What a flow run did, as Markdown and table rows for Prefect artifacts (``tasks/`` publishes them).
 
 A result is the dict the experiment flow collects per method: ``method``, ``run_id``, ``version``,
-``metrics`` (MLflow's flat metrics), ``promoted``, ``reasons``. Each row links the MLflow run.
+``metrics`` (MLflow's flat metrics), ``promoted``, ``summary`` (the decision in one line),
+``reasons``. Each row links the MLflow run.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ def rows(project: Project, results: list[dict[str, Any]]) -> list[dict[str, Any]
             {
                 "method": r["method"],
                 "version": r["version"],
+                "val_accuracy": round(m["val_accuracy"], 4) if "val_accuracy" in m else None,
                 "test_accuracy": round(m["test_accuracy"], 4) if "test_accuracy" in m else None,
                 "test_loss": round(m["test_loss"], 4),
                 "zeroshot_accuracy": round(m["zeroshot_test_accuracy"], 4) if "zeroshot_test_accuracy" in m else None,
                 "trainable_pct": round(m.get("trainable_pct", 0.0), 4),
                 "tokens_per_s": round(m.get("tokens_per_s", 0.0), 1),
                 "outcome": "promoted" if r["promoted"] else "kept",
+                "decision": r.get("summary", ""),
                 "mlflow_run": links[r["run_id"]],
             }
         )
@@ -60,7 +63,8 @@ def markdown(
 ) -> str:
     """A summary: what happened and why, the data, each method's metrics and outcome, the champion
     before and after. ``links``: MLflow run URLs by run id, if the caller has them already."""
-    metric = project.params(None).promote.metric
+    policy = project.params(None).promote
+    metric = policy.metric
     lines = [
         f"# {title}",
         "",
@@ -74,12 +78,14 @@ def markdown(
         links = links or _links(project, results)
         records = [{"method": r["method"], "seed": "", "run_id": r["run_id"], "metrics": r["metrics"], "error": None}
                    for r in results]  # fmt: skip
-        table = leaderboard.rows(records, project.params(None).promote)
-        lines += ["", "## Results (test split)", "", leaderboard.to_markdown(table, metric), "## Outcome", ""]
+        table = leaderboard.rows(records, policy)
+        lines += ["", "## Results (test split)", "", leaderboard.to_markdown(table, policy.reported_metric)]
+        lines += ["## Outcome (decided on the validation split)", ""]
         for r in results:
             verdict = "promoted to champion" if r["promoted"] else "kept as candidate"
             lines.append(
-                f"- **{r['method']}**: version {r['version']} {verdict}: {'; '.join(r['reasons'])} "
+                f"- **{r['method']}**: version {r['version']} {verdict}: {r.get('summary', '')} "
                 f"([MLflow run]({links[r['run_id']]}))"
             )
+            lines += [f"  - {reason}" for reason in r["reasons"]]
     return "\n".join(lines) + "\n"
