@@ -78,7 +78,7 @@ def test_rows_aggregate_seeds_rank_and_mark_the_frontiers():
 def test_rows_follow_the_policy_direction_and_name_a_run_without_the_metric():
     by_loss = leaderboard.rows(
         [_run("a", 1, 0.9, 10, GiB, loss=0.5), _run("b", 1, 0.8, 10, GiB, loss=0.3)],
-        PromoteParams(metric="test_loss", higher_is_better=False),
+        PromoteParams(metric="val_loss", higher_is_better=False, guards={}),  # ranked by its test figure
     )
     assert [r["method"] for r in by_loss] == ["base (zero-shot)", "b", "a"]
     assert by_loss[0]["test_loss_mean"] == 1.7

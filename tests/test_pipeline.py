@@ -316,6 +316,38 @@ def test_nightly_check_skips_only_when_nothing_that_trains_changed(project, harn
         nightly.check(base, ["nope"], version)
 
 
+def test_nightly_retraining_to_the_same_model_is_a_tie_and_never_promotes(project, harness):
+    """The nightly run retrains what the champion already is (same params, data, seed): a tie."""
+    from flows.pipeline import experiment, nightly_retrain
+
+    same = Project(root=project, overrides=["train.max_steps=3", "train.lr=4.0e-3"])
+    first = experiment(methods=["lora"], project=same)[0]
+    client = _client(project)
+    client.set_registered_model_alias(MODEL, "champion", first["version"])
+    night = nightly_retrain(methods=["lora"], project=same)
+    assert night["trained"], night["reason"]
+    result = night["results"][0]
+    assert not result["promoted"] and "a tie" in result["reasons"][0], result["reasons"]
+    assert "CI [0.0, 0.0]" in result["summary"] and result["summary"].endswith(": kept (a tie)")
+    assert _aliases(client)["champion"] == first["version"]
+
+
+def test_several_seeds_register_the_best_and_are_judged_by_their_mean(project, harness):
+    from flows.pipeline import experiment
+
+    result = experiment(methods=["lora"], project=Project(root=project, overrides=["train.max_steps=2",
+                                                                                 "promote.seeds=2"]))[0]  # fmt: skip
+    client = _client(project)
+    runs = [client.get_run(r) for r in result["seed_runs"]]
+    assert [r.data.tags["peftflow.seed"] for r in runs] == ["42", "43"]
+    best = max(runs, key=lambda r: r.data.metrics["val_accuracy"])
+    assert result["run_id"] == best.info.run_id
+    version = client.get_model_version(MODEL, result["version"])
+    assert version.run_id == best.info.run_id and version.tags["peftflow.seed_runs"] == ",".join(result["seed_runs"])
+    assert "the mean of 2 seeds" in result["reasons"][-1]
+    assert f"registered: seed {best.data.tags['peftflow.seed']}" in result["reasons"][-1]
+
+
 def test_compare_flow_runs_methods_on_one_budget_and_writes_the_leaderboard(project, harness):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
