@@ -113,9 +113,9 @@ def _each_method(methods: list[Method], data: DataVersion, project: Project) -> 
     return results, failed
 
 
-def _fail_if(failed: list[JobResult], total: int) -> None:
-    if failed:
-        raise jobs_core.RunsFailed(failed, total)
+def _fail_if(failed: list[JobResult], methods: list[str], project: Project) -> None:
+    if failed:  # every method trains promote.seeds runs
+        raise jobs_core.RunsFailed(failed, len(methods) * project.params(None).promote.seeds)
 
 
 @flow(name="experiment")
@@ -138,7 +138,7 @@ def experiment(
     steps.publish(
         project, "experiment", f"trained {', '.join(methods)}", data, results, before, steps.champion(project)
     )
-    _fail_if(failed, len(methods))
+    _fail_if(failed, methods, project)
     return results
 
 
@@ -291,7 +291,7 @@ def sweep(
         results, failed = _each_method([plan.method], data, best)
         steps.publish(best, "sweep-best", f"trained the best of the {plan.method} sweep", data, results, before,
                       steps.champion(best))  # fmt: skip
-        _fail_if(failed, 1)
+        _fail_if(failed, [plan.method], best)
         report["trained"] = results[0]
     return report
 
@@ -317,7 +317,7 @@ def nightly_retrain(methods: list[Method] | None = None, project: Project = HERE
     if not failed:  # only a nightly run that trained everything counts as the last one that finished
         steps.nightly_mark(project, [r["run_id"] for r in results], check)
     steps.publish(project, "nightly-retrain", check.reason, data, results, before, steps.champion(project))
-    _fail_if(failed, len(check.methods))
+    _fail_if(failed, check.methods, project)
     return {"trained": True, "reason": check.reason, "results": results}
 
 

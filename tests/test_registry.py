@@ -114,6 +114,21 @@ def test_a_candidate_is_judged_on_its_own_data(store):
     assert _aliases(client)["champion"] == old
 
 
+def test_a_champion_on_other_data_is_not_compared_on_figures_that_cannot_be_scored_again(store):
+    root, params, client, experiment = store
+    name = params.promote.model_name
+    old = registry.register(client, _run(client, experiment, right=150, test_accuracy=0.75), name)
+    client.set_registered_model_alias(name, "champion", old)
+    client.set_model_version_tag(name, old, "peftflow.data_version", "dv-older")
+    new = registry.register(client, _run(client, experiment, right=190, test_accuracy=0.9), name)
+    client.log_metric(client.get_model_version(name, old).run_id, "val_ppl", 1.5)
+    client.log_metric(client.get_model_version(name, new).run_id, "val_ppl", 1.2)
+    params.promote.guards = {"val_ppl": {"higher_is_better": False}}
+    params = params.model_validate(params.model_dump())
+    with pytest.raises(tracking.TrackingError, match=r"champion v1's val_ppl was measured on other data \(dv-older\)"):
+        registry.promote(client, root, params, new)
+
+
 def test_several_seeds_are_judged_by_their_mean(store):
     root, params, client, experiment = store
     name = params.promote.model_name
@@ -133,12 +148,18 @@ def test_a_lock_held_too_long_is_named_and_a_stale_one_removed(store):
     _, params, client, _ = store
     lock = f"{params.promote.model_name}{registry.LOCK_SUFFIX}"
     client.create_registered_model(lock, tags={"peftflow.lock_owner": "otherhost:123:abc"})
-    with pytest.raises(tracking.TrackingError, match=r"another promotion \(otherhost:123:abc\) has held"):
+    with pytest.raises(tracking.TrackingError, match=r"another promotion \(otherhost:123:abc\) holds '.*lock'; w"):
         with registry.champion_lock(client, params.promote.model_name, timeout_s=0.5):
             pass
-    with registry.champion_lock(client, params.promote.model_name, timeout_s=5, stale_s=0):
+    with registry.champion_lock(client, params.promote.model_name, timeout_s=5, stale_s=0):  # seen unchanged: stale
         assert client.get_registered_model(lock).tags["peftflow.lock_owner"].startswith(os.uname().nodename)
     assert not [m for m in client.search_registered_models() if m.name == lock]  # released
+
+    # a holder whose lock was taken over (it was thought stale) never deletes the new holder's
+    with registry.champion_lock(client, params.promote.model_name, timeout_s=5):
+        client.delete_registered_model(lock)
+        client.create_registered_model(lock, tags={"peftflow.lock_owner": "newhost:1:def"})
+    assert client.get_registered_model(lock).tags["peftflow.lock_owner"] == "newhost:1:def"
 
 
 RACER = textwrap.dedent(

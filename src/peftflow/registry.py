@@ -123,15 +123,6 @@ def _download(client: MlflowClient, source: str, dst: Path) -> None:
             shutil.move(item, Path(dst) / item.name)
 
 
-def evaluate_version(client: MlflowClient, name: str, version: str, root: Path, params: Params) -> dict[str, float]:
-    """Score a registered version on the test split in ``params`` (the candidate's data)."""
-    from peftflow.evaluate import score_artifact  # torch and the model code, only when a champion is re-scored
-
-    with tempfile.TemporaryDirectory(prefix="peftflow-version-") as tmp:
-        download(client, client.get_model_version(name, version), Path(tmp) / "model")
-        return tracking.metrics_to_log(score_artifact(Path(tmp), root, params).flat())
-
-
 def _logged_selection(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
     """A run's per-example validation values (selection.json, logged by its evaluation), or None."""
     from peftflow.evaluate import SELECTION_FILE
@@ -204,48 +195,87 @@ def _ratio(selection: dict[str, Any], metric: str) -> float | None:
 
 
 @contextlib.contextmanager
-def champion_lock(client: MlflowClient, name: str, timeout_s: float, stale_s: float = 120.0) -> Iterator[None]:
+def champion_lock(client: MlflowClient, name: str, timeout_s: float, stale_s: float = 300.0) -> Iterator[None]:
     """Serialize moves of ``name``'s champion alias across processes and machines.
 
-    The lock is a registered model, ``<name>.promotion-lock``: creating one that exists fails in
-    the store itself (a unique name, for a SQLite file and a tracking server alike), so exactly one
-    creator holds it; it is deleted on release. It is held only while the champion is re-read, the
-    alias set and the decision recorded (well under a second), so one older than ``stale_s`` was
-    left by a process that died holding it, and is removed."""
+    The lock is a registered model, ``<name>.promotion-lock``, tagged with its holder: creating one
+    that exists fails in a database-backed store itself (a unique name, for a SQLite file and for
+    a tracking server on a database alike), so exactly one creator holds it; its holder deletes
+    it on release. A file-based registry (``file:`` or a folder) checks the name and then creates
+    it, not atomically, so there a file lock beside the store serializes the creators too. The
+    lock is held while the champion is re-read, the alias set and the decision recorded (well
+    under a second; longer only while the store is retried). One that this process has seen
+    unchanged, same holder and creation time, for ``stale_s`` (on its own clock: the store's may
+    differ) was left by a process that died holding it, and is removed."""
     lock, me = f"{name}{LOCK_SUFFIX}", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + timeout_s
-    while True:
+    seen: tuple[str, int] | None = None  # the holder and creation time of the lock last seen
+    since = time.monotonic()
+    with _store_file_lock(client, lock, timeout_s):
+        while True:
+            try:
+                client.create_registered_model(
+                    lock, tags={"peftflow.lock_owner": me},
+                    description=f"held while peftflow moves the champion alias of {name}; removed right after",
+                )  # fmt: skip
+                break
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            held = _lock_holder(client, lock)
+            if held is not None and held[0] == me:
+                break  # our own create, retried by the client after its reply was lost
+            if held is not None and held != seen:
+                seen, since = held, time.monotonic()
+            elif held is not None and time.monotonic() - since > stale_s and _lock_holder(client, lock) == seen:
+                log.warning("%s: removing a promotion lock %s has held for over %.0f s (its process is gone)",
+                            name, held[0], stale_s)  # fmt: skip
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+                continue
+            if time.monotonic() > deadline:
+                owner = held[0] if held else "?"
+                raise tracking.TrackingError(
+                    f"promotion of {name}: another promotion ({owner}) holds {lock!r}; waited "
+                    f"promote.lock_timeout_s={timeout_s:g} s"
+                )
+            time.sleep(0.1 + random.random() * 0.2)
         try:
-            client.create_registered_model(
-                lock, tags={"peftflow.lock_owner": me},
-                description=f"held while peftflow moves the champion alias of {name}; removed right after",
-            )  # fmt: skip
-            break
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        try:
-            held = client.get_registered_model(lock)
-        except MlflowException:
-            continue  # released meanwhile
-        age = time.time() - held.creation_timestamp / 1000
-        if age > stale_s:
-            log.warning("%s: removing a lock held for %.0f s by %s (its process is gone)", name, age,
-                        held.tags.get("peftflow.lock_owner", "?"))  # fmt: skip
-            with contextlib.suppress(MlflowException):
-                client.delete_registered_model(lock)
-            continue
-        if time.monotonic() > deadline:
-            raise tracking.TrackingError(
-                f"promotion of {name}: another promotion ({held.tags.get('peftflow.lock_owner', '?')}) has held "
-                f"{lock!r} for {age:.0f} s; waited promote.lock_timeout_s={timeout_s:g} s"
-            )
-        time.sleep(0.1 + random.random() * 0.2)
+            yield
+        finally:
+            if (_lock_holder(client, lock) or ("",))[0] == me:  # never another holder's (one that took a stale lock)
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+
+
+def _lock_holder(client: MlflowClient, lock: str) -> tuple[str, int] | None:
+    """(holder, creation time) of the lock, or None if it is not held."""
     try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return None
+    return held.tags.get("peftflow.lock_owner", "?"), int(held.creation_timestamp or 0)
+
+
+@contextlib.contextmanager
+def _store_file_lock(client: MlflowClient, lock: str, timeout_s: float) -> Iterator[None]:
+    """A file lock in a local file-based registry's folder (whose creates are not atomic); else nothing."""
+    from urllib.parse import urlparse
+
+    uri = client._registry_uri
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
         yield
-    finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock)
+        return
+    from filelock import FileLock, Timeout
+
+    folder = Path(parsed.path if parsed.scheme == "file" else uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(folder / f".{lock}.lock"), timeout=timeout_s):
+            yield
+    except Timeout:
+        raise tracking.TrackingError(f"promotion: another promotion holds {folder}/.{lock}.lock") from None
 
 
 def promote(client: MlflowClient, root: Path, params: Params, version: str) -> Decision:
@@ -275,9 +305,9 @@ def promote(client: MlflowClient, root: Path, params: Params, version: str) -> D
             if champ.version not in judged:
                 if champ.tags.get("peftflow.data_version") != cand.tags.get("peftflow.data_version"):
                     log.info("champion v%s was evaluated on other data; scoring it on the candidate's", champ.version)
+                figures = _champion_figures(client, champ, cand, policy)  # before minutes of scoring
                 examples = selection_of(client, champ.run_id, champ.source, f"champion v{champ.version}", root, params)
-                judged[champ.version] = Evidence(tracking.run_metrics(client, champ.run_id), examples, [],
-                                                 f"version {champ.version}")  # fmt: skip
+                judged[champ.version] = Evidence(figures, examples, [], f"version {champ.version}")
             champion = judged[champ.version]
         decision = decide(candidate, champion, policy)
         with champion_lock(client, name, policy.lock_timeout_s):
@@ -293,6 +323,27 @@ def promote(client: MlflowClient, root: Path, params: Params, version: str) -> D
             _record(client, cand, against, decision)
         log.info("%s v%s vs champion %s: %s", name, cand.version, against, decision.summary)
         return decision
+
+
+def _champion_figures(client: MlflowClient, champ, cand, policy) -> dict[str, float]:
+    """The champion's logged figures that compare with the candidate's: all of them on the same
+    data; on other data only the cost figures (quality is re-scored per example), and a policy
+    metric that is neither fails in one line."""
+    from peftflow.promote import PAIRED
+    from peftflow.results import EFFICIENCY, TRAIN_METRICS
+
+    metrics = tracking.run_metrics(client, champ.run_id)
+    if champ.tags.get("peftflow.data_version") == cand.tags.get("peftflow.data_version"):
+        return metrics
+    costs = (set(TRAIN_METRICS) | set(EFFICIENCY)) - {"final_train_loss"}
+    for key in [policy.metric, *policy.guards]:
+        if key not in PAIRED and key not in costs:
+            raise tracking.TrackingError(
+                f"promote: the champion v{champ.version}'s {key} was measured on other data "
+                f"({champ.tags.get('peftflow.data_version')}) and has no per-example values to score again; "
+                f"decide on {' or '.join(PAIRED)}"
+            )
+    return {k: v for k, v in metrics.items() if k in costs}
 
 
 def _check_data_for(cand, root: Path, params: Params) -> None:
