@@ -331,6 +331,22 @@ def test_nightly_retraining_to_the_same_model_is_a_tie_and_never_promotes(projec
     assert "CI [0.0, 0.0]" in result["summary"] and result["summary"].endswith(": kept (a tie)")
     assert _aliases(client)["champion"] == first["version"]
 
+    # the decision in words in the flow's Prefect artifacts, as on the registry version
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        keys = ArtifactFilter(key=ArtifactFilterKey(any_=["nightly-retrain-summary", "nightly-retrain-results"]))
+        found = prefect.read_artifacts(artifact_filter=keys)
+    texts = [a.data for a in found if a.key == "nightly-retrain-summary"]
+    assert any(f"version {result['version']} kept as candidate: {result['summary']}" in t for t in texts), texts
+    tables = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in found if a.key.endswith("results")]
+    assert {"version": result["version"], "decision": result["summary"]}.items() <= next(
+        row for table in tables for row in table if row["version"] == result["version"]
+    ).items()
+    version = client.get_model_version(MODEL, result["version"])
+    assert version.tags["peftflow.promotion_summary"] == result["summary"]
+
 
 def test_several_seeds_register_the_best_and_are_judged_by_their_mean(project, harness):
     from flows.pipeline import experiment
