@@ -100,13 +100,17 @@ def test_the_decision_follows_validation_not_test(store):
     assert record["promoted"] and record["against"] == "v1" and record["comparison"]["n"] == N
 
 
-def test_a_candidate_is_judged_on_its_own_data(store):
-    root, params, client, experiment = store
-    name = params.promote.model_name
+def _champion_from_older_data(client: MlflowClient, experiment: str, name: str) -> tuple[str, str]:
+    """A champion (version 1) evaluated on older data, and a better candidate (version 2) on this."""
     old = registry.register(client, _run(client, experiment, right=150, test_accuracy=0.75), name)
     client.set_registered_model_alias(name, "champion", old)
     client.set_model_version_tag(name, old, "peftflow.data_version", "dv-older")
-    new = registry.register(client, _run(client, experiment, right=190, test_accuracy=0.9), name)
+    return old, registry.register(client, _run(client, experiment, right=190, test_accuracy=0.9), name)
+
+
+def test_a_candidate_is_judged_on_its_own_data(store):
+    root, params, client, experiment = store
+    old, new = _champion_from_older_data(client, experiment, params.promote.model_name)
     (root / "data" / "prepared" / "manifest.json").write_text(json.dumps({"version": "dv-other", "files": {}}))
     judged = r"version 2 is judged on the data it was evaluated on \(dv-test\), but data/prepared holds dv-other"
     with pytest.raises(tracking.TrackingError, match=judged):
@@ -116,11 +120,8 @@ def test_a_candidate_is_judged_on_its_own_data(store):
 
 def test_a_champion_on_other_data_is_not_compared_on_figures_that_cannot_be_scored_again(store):
     root, params, client, experiment = store
+    old, new = _champion_from_older_data(client, experiment, params.promote.model_name)
     name = params.promote.model_name
-    old = registry.register(client, _run(client, experiment, right=150, test_accuracy=0.75), name)
-    client.set_registered_model_alias(name, "champion", old)
-    client.set_model_version_tag(name, old, "peftflow.data_version", "dv-older")
-    new = registry.register(client, _run(client, experiment, right=190, test_accuracy=0.9), name)
     client.log_metric(client.get_model_version(name, old).run_id, "val_ppl", 1.5)
     client.log_metric(client.get_model_version(name, new).run_id, "val_ppl", 1.2)
     params.promote.guards = {"val_ppl": {"higher_is_better": False}}
