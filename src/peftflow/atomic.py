@@ -1,4 +1,5 @@
-"""Folders that appear whole or not at all (checkpoints, artifacts, prepared data, converted models)."""
+"""Folders and files that appear whole or not at all (checkpoints, artifacts, prepared data, converted
+models, evaluation outputs)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``path`` through a scratch file beside it and one rename: a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -17,14 +17,13 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from peftflow import artifacts, data
+from peftflow import artifacts, atomic, data
 from peftflow.config import Params, read_resolved
 from peftflow.methods import get_method
 from peftflow.model import base_model_id, load_base_for, load_base_model, load_tokenizer
@@ -259,15 +258,11 @@ def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
     run_dir = Path(run_dir)
     manifest = data.read_manifest(params.data.out_dir)
     examples = data.read_split(params.data.out_dir, "test")[: params.eval.max_examples]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(params.model)
     method = get_method(params.method.name)
-    artifacts.verify(run_dir / "model")  # before the base model loads: a missing or damaged run is named at once
-    model = _to(artifacts.load(load_base_for(params), run_dir / "model", verified=True), device)
-    virtual = method.input_virtual_tokens(params.method)
+    model, tokenizer, device, virtual = _trained(run_dir, params)
     metrics = score(model, tokenizer, params, examples, manifest["labels"], device, virtual)
     selected, per_example = selection(model, tokenizer, params, manifest, device, virtual)
-    write_selection(run_dir, per_example)
+    atomic.write_text(run_dir / SELECTION_FILE, json.dumps(per_example) + "\n")
 
     cache = params.train.output_dir / "zeroshot" / f"{_zeroshot_key(params, manifest['version'])}.json"
     if cache.is_file():
@@ -283,9 +278,7 @@ def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
             base = _to(load_base_model(params.model), device)
             zeroshot = score(base, tokenizer, params, examples, manifest["labels"], device)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".partial")
-        tmp.write_text(json.dumps(zeroshot, indent=2) + "\n")
-        os.replace(tmp, cache)  # a reader never sees half a cache file
+        atomic.write_text(cache, json.dumps(zeroshot, indent=2) + "\n")  # a reader never sees half a cache file
     summary_path = run_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     result = EvalResult(
@@ -310,35 +303,37 @@ def selection(model, tokenizer, params: Params, manifest: dict, device, virtual:
     return figures, {"split": SELECTION_SPLIT, "data_version": manifest["version"], **per}
 
 
-def write_selection(run_dir: Path, per_example: dict) -> Path:
-    path = Path(run_dir) / SELECTION_FILE
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(per_example) + "\n")
-    os.replace(tmp, path)
-    return path
+def _trained(run_dir: Path, params: Params) -> tuple[Any, Any, torch.device, int]:
+    """The run's ``model/`` on the base, on this machine's device: (model, tokenizer, device, the
+    method's input-level soft tokens). The artifact is checked before the base model loads, so a
+    missing or damaged run is named at once."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(params.model)
+    artifacts.verify(Path(run_dir) / "model")
+    model = _to(artifacts.load(load_base_for(params), Path(run_dir) / "model", verified=True), device)
+    return model, tokenizer, device, get_method(params.method.name).input_virtual_tokens(params.method)
+
+
+def _artifact_params(run_dir: Path, root: Path, params: Params) -> Params:
+    """A downloaded artifact's own params (``run_dir/model/params.yaml``), reading ``params``'s data."""
+    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
+    artifact_params.data.out_dir = params.rebased(root).data.out_dir
+    return artifact_params
 
 
 def select_artifact(run_dir: Path, root: Path, params: Params) -> dict:
     """The per-example selection-split values of a downloaded ``run_dir/model`` on ``params``'s
     data folder (a champion re-scored on a candidate's data); nothing else is computed."""
-    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
-    artifact_params.data.out_dir = params.rebased(root).data.out_dir
+    artifact_params = _artifact_params(run_dir, root, params)
     manifest = data.read_manifest(artifact_params.data.out_dir)
-    method = get_method(artifact_params.method.name)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    artifacts.verify(Path(run_dir) / "model")
-    model = _to(artifacts.load(load_base_for(artifact_params), Path(run_dir) / "model", verified=True), device)
-    tokenizer = load_tokenizer(artifact_params.model)
-    virtual = method.input_virtual_tokens(artifact_params.method)
+    model, tokenizer, device, virtual = _trained(run_dir, artifact_params)
     return selection(model, tokenizer, artifact_params, manifest, device, virtual)[1]
 
 
 def score_artifact(run_dir: Path, root: Path, params: Params) -> EvalResult:
     """Evaluate a downloaded ``run_dir/model`` (with its params.yaml) on the test split of ``params``'s
     data folder; writes and returns metrics.json."""
-    artifact_params = read_resolved(Path(run_dir) / "model" / "params.yaml").rebased(root)
-    artifact_params.data.out_dir = params.rebased(root).data.out_dir
-    return evaluate_run(run_dir, artifact_params)
+    return evaluate_run(run_dir, _artifact_params(run_dir, root, params))
 
 
 def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[str, Any]]:

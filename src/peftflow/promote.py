@@ -103,10 +103,19 @@ def _units(value: float, sign: bool = False) -> str:
     return f"{value:+.4f}" if sign else f"{value:.4f}"
 
 
+def example_figure(examples: dict[str, Any] | None, key: str) -> float | None:
+    """``key``'s value from per-example values (a ratio of sums, as the run logged it), or None if
+    they do not hold it."""
+    if examples is None or key not in PAIRED or PAIRED[key][0] not in examples:
+        return None
+    num, den = _arrays(examples, key)
+    return float(num.sum() / den.sum())
+
+
 def _value(side: Evidence, key: str, who: str) -> float:
-    if side.examples is not None and key in PAIRED and PAIRED[key][0] in side.examples:
-        num, den = _arrays(side.examples, key)
-        return float(num.sum() / den.sum())
+    from_examples = example_figure(side.examples, key)
+    if from_examples is not None:
+        return from_examples
     if key not in side.metrics:
         raise KeyError(f"promote: the {who} has no metric {key!r}; it has: {', '.join(sorted(side.metrics))}")
     value = float(side.metrics[key])

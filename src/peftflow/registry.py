@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from peftflow import checksums, data, tracking
 from peftflow.atomic import atomic_dir
 from peftflow.config import Params, read_resolved
-from peftflow.promote import Decision, Evidence, decide
+from peftflow.promote import Decision, Evidence, decide, example_figure
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +175,13 @@ def candidate_evidence(client: MlflowClient, version, root: Path, params: Params
         source = version.source if run_id == version.run_id else f"{run.info.artifact_uri}/model"
         selections.append(selection_of(client, run_id, source, f"run {run_id}", root, params))
         figures.append(dict(run.data.metrics))
-        value = _ratio(selections[-1], metric)
+        value = example_figure(selections[-1], metric)
         seeds.append({"seed": run.data.tags.get("peftflow.seed", "?"), "run_id": run_id,
                       "value": value if value is not None else figures[-1].get(metric, math.nan)})  # fmt: skip
     keys = set.intersection(*(set(f) for f in figures))
     metrics = {k: sum(f[k] for f in figures) / len(figures) for k in keys}
     label = f"version {version.version} ({version.tags.get('peftflow.method', '?')})"
     return Evidence(metrics, _mean_selection(selections), seeds, selections if len(selections) > 1 else [], label)
-
-
-def _ratio(selection: dict[str, Any], metric: str) -> float | None:
-    from peftflow.promote import PAIRED
-
-    if metric not in PAIRED or PAIRED[metric][0] not in selection:
-        return None
-    num, den = PAIRED[metric]
-    values = selection[num]
-    return sum(values) / (sum(selection[den]) if den else len(values))
 
 
 @contextlib.contextmanager
