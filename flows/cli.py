@@ -245,19 +245,20 @@ def rlhf(
     overrides: Overrides = None,
     force: Annotated[list[str] | None, typer.Option("--force", help="Retrain this stage even if unchanged.")] = None,
 ) -> None:
-    """SFT -> reward model -> PPO, and DPO: each stage an MLflow run and a registered version."""
+    """SFT -> reward model and held-out judge -> PPO, and DPO: each stage an MLflow run and a registered version."""
     from rich.console import Console
     from rich.table import Table
 
     from flows.rlhf import rlhf as flow
     from peftflow.pipeline import Project, check_overrides
-    from peftflow.rlhf.stages import STAGES, StageResult, load_stage, summary_rows
+    from peftflow.rlhf.stages import STAGES, StageResult, check_judge, load_stage, summary_rows
     from peftflow.versioning import check_project
 
     project = Project(root=root, overrides=overrides or [])
     run_or_exit(check_overrides, project.overrides)
     for stage in STAGES:  # bad input: one line, before any flow run starts
         run_or_exit(load_stage, stage, root / project.params_dir, project.overrides)
+    run_or_exit(check_judge, root / project.params_dir, project.overrides)
     unknown = sorted(set(force or []) - set(STAGES))
     if unknown:
         typer.secho(

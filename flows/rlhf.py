@@ -1,4 +1,4 @@
-"""The RLHF chain as a Prefect flow: data -> SFT -> reward model -> PPO, and DPO beside it."""
+"""The RLHF chain as a Prefect flow: data -> SFT -> reward model (and the held-out judge) -> PPO, and DPO beside it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from peftflow.pipeline import Project
 from tasks import rlhf as steps
 
 HERE = Project()
-Stage = Literal["sft", "reward", "ppo", "dpo"]
+Stage = Literal["sft", "reward", "judge", "ppo", "dpo"]
 
 
 @flow(name="rlhf")
 def rlhf(project: Project = HERE, force: list[Stage] | None = None) -> list[dict]:
     """SFT -> reward model -> PPO (and DPO), each an MLflow run and a registered version; a stage
-    whose params, data and input versions are unchanged reuses its registered version.
+    whose params, data and input versions are unchanged reuses its registered version. The judge,
+    a reward model on the other half of the pairs, scores PPO and DPO beside the reward model.
 
     Args:
         project: the project folder, params folder and overrides (KEY=VALUE, or STAGE:KEY=VALUE for one stage)
@@ -27,8 +28,10 @@ def rlhf(project: Project = HERE, force: list[Stage] | None = None) -> list[dict
     data = steps.prepare_data(project)
     sft = steps.run_stage(project, "sft", data, {}, "sft" in force)
     reward = steps.run_stage(project, "reward", data, {}, "reward" in force)
-    ppo = steps.run_stage(project, "ppo", data, {"sft": sft, "reward": reward}, "ppo" in force)
-    dpo = steps.run_stage(project, "dpo", data, {"sft": sft, "reward": reward}, "dpo" in force)
-    results = [sft, reward, ppo, dpo]
+    judge = steps.run_stage(project, "judge", data, {}, "judge" in force)
+    inputs = {"sft": sft, "reward": reward, "judge": judge}
+    ppo = steps.run_stage(project, "ppo", data, inputs, "ppo" in force)
+    dpo = steps.run_stage(project, "dpo", data, inputs, "dpo" in force)
+    results = [sft, reward, judge, ppo, dpo]
     steps.publish(data, results)
     return [r.model_dump() for r in results]

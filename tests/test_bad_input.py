@@ -423,7 +423,7 @@ CASES: dict[str, Case] = {
     "an RLHF stage that does not exist": (
         NO_OP,
         ["rlhf", "show-params", "sfx"],
-        r"stage 'sfx': unknown; stages: sft, reward, ppo, dpo",
+        r"stage 'sfx': unknown; stages: sft, reward, judge, ppo, dpo",
     ),
 }
 NEEDS_PREPARED = {"train", "evaluate"}

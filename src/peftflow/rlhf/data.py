@@ -17,7 +17,7 @@ then learns prompt -> chosen (the usual demonstration data), and PPO samples the
 Layout of ``rlhf.data.out_dir`` (the manifest is written last, the folder swapped in atomically)::
 
     sft/{train,val,test}.jsonl + manifest.json   {"prompt", "completion"}: what the training core reads
-    pairs/{train,test}.jsonl                     {"prompt", "chosen", "rejected"}
+    pairs/{train,test}.jsonl                     {"prompt", "chosen", "rejected"}; train: two halves by prompt
     prompts/{train,test}.jsonl                   {"prompt"}
     manifest.json                                version = hash of every file above
 """
@@ -175,6 +175,28 @@ def prepare(cfg: RlhfData, raw_archive: Path) -> dict[str, Any]:
         (tmp / "sft" / "manifest.json").write_text(json.dumps(sft_manifest, indent=2) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+HALVES = ("policy", "judge")
+
+
+def half_of(prompt: str) -> str:
+    """The half of the training pairs a prompt's pairs belong to (a hash, so it does not depend on
+    the file's order and a prompt's pairs stay together): "policy" or "judge"."""
+    return HALVES[hashlib.sha256(prompt.encode("utf-8")).digest()[0] % 2]
+
+
+def pairs_for(pairs: list[dict[str, str]], which: str) -> list[dict[str, str]]:
+    """``pairs`` if ``which`` is "all", else the pairs of that half (``rlhf.pairs``): the reward
+    model and DPO learn from the "policy" half, the held-out judge from the "judge" half."""
+    if which == "all":
+        return pairs
+    if which not in HALVES:
+        raise DataError(f"rlhf.pairs: {which!r}; expected all, {' or '.join(HALVES)}")
+    mine = [p for p in pairs if half_of(p["prompt"]) == which]
+    if not mine:
+        raise DataError(f"rlhf.pairs: {which}: none of the {len(pairs)} training pairs falls in that half")
+    return mine
 
 
 def read(out_dir: Path, name: str) -> list[dict[str, str]]:

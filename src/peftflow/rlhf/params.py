@@ -7,6 +7,7 @@ see :func:`peftflow.rlhf.stages.load_stage` for the merge order.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -81,5 +82,9 @@ class RlhfParams(_Strict):
     ppo: PpoParams = _for(("ppo",), MODEL, PpoParams())
     dpo: DpoParams = _for(("dpo",), MODEL, DpoParams())
     eval: RlhfEval = _for(("ppo", "dpo"), FIGURES, RlhfEval())
-    # registered models: <prefix>-sft, -reward, -ppo, -dpo
+    # the training pairs a stage learns from: all of them, or one of two disjoint halves split by
+    # prompt (peftflow.rlhf.data.pairs_for): the reward model and DPO learn from "policy", the
+    # held-out judge that scores PPO and DPO from "judge", so neither policy was optimized against it
+    pairs: Literal["all", "policy", "judge"] = _for(("reward", "judge", "dpo"), MODEL, "all")
+    # registered models: <prefix>-sft, -reward, -judge, -ppo, -dpo
     model_prefix: str = Field("peftflow-rlhf", json_schema_extra={"affects": NOTHING})

@@ -133,17 +133,42 @@ def decode(tokenizer, batch: dict) -> list[str]:
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids(batch)]
 
 
+def _versus(mine: torch.Tensor, sft: torch.Tensor) -> dict[str, float]:
+    """Mean reward of the policy's and the SFT policy's continuations, and the policy's win rate (ties count half)."""
+    wins = (mine > sft).float() + 0.5 * (mine == sft).float()
+    return {
+        "reward_mean": float(mine.mean()),
+        "sft_reward_mean": float(sft.mean()),
+        "win_rate_vs_sft": float(wins.mean()),
+    }
+
+
 @torch.no_grad()
-def evaluate(policy: PeftModel, tokenizer, reward_fn, prompts: list[str], params: Params, examples: int = 5) -> dict:
+def evaluate(
+    policy: PeftModel,
+    tokenizer,
+    reward_fn,
+    prompts: list[str],
+    params: Params,
+    examples: int = 5,
+    judges: dict | None = None,
+) -> dict:
     """The policy against the SFT policy (its adapter off) on held-out prompts, same sampling seed
     for both: mean reward of each, the policy's win rate under the reward model (ties count
-    half), and KL(policy || SFT) per response, estimated on the policy's own samples."""
+    half), and KL(policy || SFT) per response, estimated on the policy's own samples.
+
+    ``judges``: other scorers (name -> a function like ``reward_fn``) of the same continuations,
+    e.g. a reward model the policy was not trained against; their figures are ``<name>_reward_mean``,
+    ``<name>_sft_reward_mean`` and ``<name>_win_rate_vs_sft``.
+    """
     from peftflow.tokens import encode_prompt
 
     ev, gen = params.rlhf.eval, params.rlhf.generation
+    scorers = {"": reward_fn, **{f"{name}_": fn for name, fn in (judges or {}).items()}}
     prompts = prompts[: ev.prompts]
     policy.eval()
-    mine_r, sft_r, kls, lengths, shown = [], [], [], [], []
+    scores = {key: ([], []) for key in scorers}  # per scorer: the policy's and the SFT policy's rewards
+    kls, lengths, shown = [], [], []
     for start in range(0, len(prompts), ev.batch_size):
         chunk = prompts[start : start + ev.batch_size]
         ids = [encode_prompt(tokenizer, p, params.data) for p in chunk]
@@ -152,24 +177,25 @@ def evaluate(policy: PeftModel, tokenizer, reward_fn, prompts: list[str], params
         with policy.disable_adapter():
             sft = sample(policy, ids, pad, eos, gen, ev.seed + start)
         mine_text, sft_text = decode(tokenizer, mine), decode(tokenizer, sft)
-        mine_r.append(reward_fn(chunk, mine_text, response_ids(mine)).float())
-        sft_r.append(reward_fn(chunk, sft_text, response_ids(sft)).float())
+        for key, fn in scorers.items():
+            scores[key][0].append(fn(chunk, mine_text, response_ids(mine)).float())
+            scores[key][1].append(fn(chunk, sft_text, response_ids(sft)).float())
         logprobs, _ = forward(policy, mine, gen.temperature)
         with policy.disable_adapter():
             ref, _ = forward(policy, mine, gen.temperature)
         mask = mine["mask"].to(logprobs.device)
         kls.append(((logprobs - ref) * mask).sum(dim=1).cpu())
         lengths.append(mine["mask"].sum(dim=1).float())
-        for p, a, b, ra, rb in zip(chunk, mine_text, sft_text, mine_r[-1], sft_r[-1], strict=True):
+        for i, (p, a, b) in enumerate(zip(chunk, mine_text, sft_text, strict=True)):
             if len(shown) < examples:
-                shown.append({"prompt": p, "policy": a, "sft": b, "policy_reward": float(ra), "sft_reward": float(rb)})
-    mine_all, sft_all = torch.cat(mine_r), torch.cat(sft_r)
-    wins = (mine_all > sft_all).float() + 0.5 * (mine_all == sft_all).float()
+                shown.append({"prompt": p, "policy": a, "sft": b})
+                for key, (m, r) in scores.items():
+                    shown[-1].update({f"{key}policy_reward": float(m[-1][i]), f"{key}sft_reward": float(r[-1][i])})
+    out: dict = {"eval_prompts": len(prompts)}
+    for key, (m, r) in scores.items():
+        out.update({key + k: v for k, v in _versus(torch.cat(m), torch.cat(r)).items()})
     return {
-        "eval_prompts": len(prompts),
-        "reward_mean": float(mine_all.mean()),
-        "sft_reward_mean": float(sft_all.mean()),
-        "win_rate_vs_sft": float(wins.mean()),
+        **out,
         "kl_vs_sft": float(torch.cat(kls).mean()),
         "response_tokens": float(torch.cat(lengths).mean()),
         "examples": shown,

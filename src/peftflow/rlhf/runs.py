@@ -50,11 +50,11 @@ def sft(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callb
     }
 
 
-def _reward_model(inputs: dict[str, Path], root_params: Params):
-    """The reward model of ``inputs['reward']`` and a reward function over texts."""
-    rm_params = read_resolved(inputs["reward"] / "params.yaml")
+def _reward_model(inputs: dict[str, Path], root_params: Params, stage: str = "reward"):
+    """A reward function over texts: the reward model of ``inputs[stage]`` ("reward", or the held-out "judge")."""
+    rm_params = read_resolved(inputs[stage] / "params.yaml")
     rm_params.model = root_params.model  # the same base, at this machine's path
-    rm, tokenizer = reward.load(rm_params, inputs["reward"])
+    rm, tokenizer = reward.load(rm_params, inputs[stage])
 
     def reward_fn(prompts: list[str], responses: list[str], ids: list[list[int]] | None = None) -> torch.Tensor:
         texts = [p + r for p, r in zip(prompts, responses, strict=True)]
@@ -63,12 +63,16 @@ def _reward_model(inputs: dict[str, Path], root_params: Params):
     return reward_fn
 
 
+def _training_pairs(params: Params) -> list[dict[str, str]]:
+    """The training pairs this stage learns from: all, or its half (``rlhf.pairs``)."""
+    return data.pairs_for(data.read(params.rlhf.data.out_dir, "pairs/train"), params.rlhf.pairs)
+
+
 def reward_stage(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks: Callbacks, progress: bool) -> dict:
-    pairs, heldout = (
-        data.read(params.rlhf.data.out_dir, "pairs/train"),
-        data.read(params.rlhf.data.out_dir, "pairs/test"),
-    )
+    """The reward model, or the held-out judge: the same recipe on the other half of the pairs."""
+    pairs, heldout = _training_pairs(params), data.read(params.rlhf.data.out_dir, "pairs/test")
     summary = reward.train(params, pairs, heldout, run_dir / "model", callbacks, progress)
+    summary["train_pairs"] = len(pairs)
     return {k: v for k, v in summary.items() if k not in ("history", "evals")}
 
 
@@ -93,9 +97,11 @@ def _policy(params: Params, inputs: dict[str, Path], stage: str):
     return policy, load_tokenizer(params.model)
 
 
-def _evaluated(summary: dict, policy, tokenizer, reward_fn, params: Params, run_dir: Path) -> dict:
+def _evaluated(summary: dict, policy, tokenizer, reward_fn, inputs: dict[str, Path], params: Params, run_dir: Path):
+    """The held-out figures under the reward model and under the judge (which neither PPO nor DPO trained against)."""
     prompts = [r["prompt"] for r in data.read(params.rlhf.data.out_dir, "prompts/test")]
-    result = evaluate(policy, tokenizer, reward_fn, prompts, params)
+    judge = _reward_model(inputs, params, "judge")
+    result = evaluate(policy, tokenizer, reward_fn, prompts, params, judges={"judge": judge})
     (run_dir / "examples.json").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "examples.json").write_text(json.dumps(result.pop("examples"), indent=2) + "\n")
     return {**{k: v for k, v in summary.items() if k != "history"}, **{f"test_{k}": v for k, v in result.items()}}
@@ -120,7 +126,7 @@ def ppo_stage(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks:
         trainable_params=count_parameters(policy)[0],
     )
     summary["artifact_bytes"] = _save_policy(policy, params, inputs["sft"], run_dir / "model", value_head)
-    out = _evaluated(summary, policy, tokenizer, reward_fn, params, run_dir)
+    out = _evaluated(summary, policy, tokenizer, reward_fn, inputs, params, run_dir)
     out["peak_memory_bytes"] = peak_memory_bytes()
     (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return out
@@ -131,15 +137,14 @@ def dpo_stage(params: Params, run_dir: Path, inputs: dict[str, Path], callbacks:
 
     reset_peak_memory()
     policy, tokenizer = _policy(params, inputs, "dpo")
-    summary = dpo.train(
-        policy, tokenizer, data.read(params.rlhf.data.out_dir, "pairs/train"), params, callbacks, progress
-    )
-    summary["trainable_params"] = count_parameters(policy)[0]
+    pairs = _training_pairs(params)
+    summary = dpo.train(policy, tokenizer, pairs, params, callbacks, progress)
+    summary.update(trainable_params=count_parameters(policy)[0], train_pairs=len(pairs))
     summary["artifact_bytes"] = _save_policy(policy, params, inputs["sft"], run_dir / "model")
     reward_fn = _reward_model(inputs, params)
-    out = _evaluated(summary, policy, tokenizer, reward_fn, params, run_dir)
+    out = _evaluated(summary, policy, tokenizer, reward_fn, inputs, params, run_dir)
     out["peak_memory_bytes"] = peak_memory_bytes()
     return out
 
 
-TRAINERS = {"sft": sft, "reward": reward_stage, "ppo": ppo_stage, "dpo": dpo_stage}
+TRAINERS = {"sft": sft, "reward": reward_stage, "judge": reward_stage, "ppo": ppo_stage, "dpo": dpo_stage}

@@ -1,7 +1,10 @@
 """The RLHF chain's stages over a project folder: each an MLflow run and a registered version.
 
 ``sft`` -> ``reward`` -> ``ppo`` (uses both), and ``dpo`` (trains from SFT; its win rate is
-measured under the reward model, so it records both too). Each stage's params are
+measured under the reward model, so it records both too). ``judge`` is a second reward model,
+trained on the other half of the preference pairs (``rlhf.pairs``): PPO and DPO are also scored
+by it, a scorer neither was optimized against, so reward hacking shows as a gap between the two
+win rates. Each stage's params are
 ``params/base.yaml``, ``params/rlhf/base.yaml``, ``params/methods/<method>.yaml`` (the method the
 stage file names), ``params/rlhf/<stage>.yaml``, then overrides; ``STAGE:KEY=VALUE`` overrides
 apply to that stage only.
@@ -31,8 +34,8 @@ from peftflow.pipeline import DataVersion, Project, check_overrides, data_versio
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "reward", "ppo", "dpo")
-INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "dpo": ("sft", "reward")}
+STAGES = ("sft", "reward", "judge", "ppo", "dpo")
+INPUTS = {"sft": (), "reward": (), "judge": (), "ppo": ("sft", "reward", "judge"), "dpo": ("sft", "reward", "judge")}
 
 
 class StageResult(BaseModel):
@@ -79,6 +82,19 @@ def load_stage(
     return merge_files(paths, mine, files)
 
 
+def check_judge(params_dir: Path, overrides: list[str] | tuple[str, ...] = (), files: config.Files | None = None):
+    """Refuse, in one line, a judge that saw pairs the reward model or DPO trained on."""
+    pairs = {s: load_stage(s, params_dir, overrides, files).rlhf.pairs for s in ("reward", "dpo", "judge")}
+    judge = pairs["judge"]
+    overlap = [s for s in ("reward", "dpo") if judge == "all" or pairs[s] in ("all", judge)]
+    if overlap:
+        raise ParamsError(
+            f"{Path(params_dir) / 'rlhf' / 'judge.yaml'}: rlhf.pairs: {judge!r} overlaps the pairs "
+            + ", ".join(f"{s} trains on ({pairs[s]!r})" for s in overlap)
+            + "; the judge must be held out: rlhf.pairs 'judge' for the judge, 'policy' for reward and dpo"
+        )
+
+
 def fingerprint(stage: str, params: Params, data_md5: str | None, inputs: dict[str, str]) -> str:
     keep = config.fingerprint(params, config.FIGURES, stage=stage)
     blob = json.dumps({"stage": stage, "params": keep, "data": data_md5, "inputs": inputs}, sort_keys=True)
@@ -116,6 +132,8 @@ def run_stage(
     from peftflow.rlhf.runs import TRAINERS
 
     params = load_stage(stage, project.root / project.params_dir, project.overrides, project.files)
+    if stage in ("judge", "ppo", "dpo"):
+        check_judge(project.root / project.params_dir, project.overrides, project.files)
     missing = [s for s in INPUTS[stage] if s not in inputs]
     if missing:
         raise ValueError(f"stage {stage}: needs the {', '.join(missing)} stage(s) first")
@@ -180,11 +198,12 @@ def headline(result: StageResult) -> str:
     m = {k: result.metrics.get(k, float("nan")) for k in _HEADLINE}
     if result.stage == "sft":
         return f"test loss {m['test_loss']:.3f} (base model {m['zeroshot_test_loss']:.3f})"
-    if result.stage == "reward":
+    if result.stage in ("reward", "judge"):
         return f"held-out pairwise accuracy {m['test_pairwise_accuracy']:.3f}"
     return (
         f"reward {m['test_reward_mean']:.3f} vs SFT {m['test_sft_reward_mean']:.3f}, "
-        f"win rate {100 * m['test_win_rate_vs_sft']:.1f}%, KL {m['test_kl_vs_sft']:.2f} nats"
+        f"win rate {100 * m['test_win_rate_vs_sft']:.1f}% (judge {100 * m['test_judge_win_rate_vs_sft']:.1f}%), "
+        f"KL {m['test_kl_vs_sft']:.2f} nats"
     )
 
 
@@ -195,6 +214,7 @@ _HEADLINE = (
     "test_reward_mean",
     "test_sft_reward_mean",
     "test_win_rate_vs_sft",
+    "test_judge_win_rate_vs_sft",
     "test_kl_vs_sft",
 )
 
