@@ -177,9 +177,10 @@ def evaluate(
         with policy.disable_adapter():
             sft = sample(policy, ids, pad, eos, gen, ev.seed + start)
         mine_text, sft_text = decode(tokenizer, mine), decode(tokenizer, sft)
-        for key, fn in scorers.items():
-            scores[key][0].append(fn(chunk, mine_text, response_ids(mine)).float())
-            scores[key][1].append(fn(chunk, sft_text, response_ids(sft)).float())
+        mine_ids, sft_ids = response_ids(mine), response_ids(sft)
+        for key, fn in scorers.items():  # every scorer reads the same continuations
+            scores[key][0].append(fn(chunk, mine_text, mine_ids).float())
+            scores[key][1].append(fn(chunk, sft_text, sft_ids).float())
         logprobs, _ = forward(policy, mine, gen.temperature)
         with policy.disable_adapter():
             ref, _ = forward(policy, mine, gen.temperature)
