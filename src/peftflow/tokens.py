@@ -7,6 +7,8 @@ optional system prompt and the completion is the assistant's answer. Otherwise t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -101,30 +103,66 @@ def model_inputs(batch: dict[str, torch.Tensor], virtual: int = 0) -> dict[str, 
     return inputs
 
 
+def _output_head(model) -> torch.nn.Module | None:
+    """The output projection of a (possibly DDP/DeepSpeed-wrapped, peft-wrapped) causal LM."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+@contextmanager
+def head_input(model, select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the output head projects ``select(hidden)`` instead of the hidden states
+    it is given: the rows that need logits, gathered into one contiguous (B, A, H) tensor. A
+    strided slice (what ``logits_to_keep`` passes) makes the head a batched matmul against a
+    broadcast weight, several times slower on CPU than one plain matmul over the gathered rows."""
+    head = _output_head(model)
+    if head is None:  # no separate head module: the model's own logits, selected after
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (select(args[0]), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def answer_logits(model, batch: dict[str, torch.Tensor], virtual: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) for the trailing answer columns of a :func:`collate` batch: (B, A, V), (B, A).
 
     ``virtual``: soft tokens the model puts before the input (the method's
-    ``input_virtual_tokens``; 0 with its adapter switched off). Only the columns that predict
-    answer tokens go through the output head: with a 49k vocabulary, full-sequence logits cost
-    more than the rest of a small model's step.
+    ``input_virtual_tokens``; 0 with its adapter switched off). Only the positions that predict
+    answer tokens go through the output head (:func:`head_input`): with a 49k vocabulary,
+    full-sequence logits cost more than the rest of a small model's step.
     """
     labels = batch["labels"]
     answer = int((labels != IGNORE).any(dim=0).flip(0).cumprod(0).sum())  # trailing label columns
     target = labels[:, -answer:]
     if not virtual:
-        return model(**model_inputs(batch), logits_to_keep=answer + 1).logits[:, :-1], target
+        with head_input(model, lambda h: h[:, -(answer + 1) :].contiguous()):
+            logits = model(**model_inputs(batch), logits_to_keep=answer + 1).logits
+        return logits[:, -(answer + 1) : -1], target
     # peft puts an input-level soft prompt before the padding and ignores position ids, so left
     # padding would leave a batch-dependent gap between prompt and text. Move the padding to the
-    # right for these methods, run the full sequence, and pick the answer columns out again.
+    # right for these methods and pick each row's answer-predicting positions out before the head.
     pad = (batch["attention_mask"] == 0).sum(dim=1)  # (B,) left padding of each row
     rows = range(labels.shape[0])
     right = {k: torch.stack([batch[k][i].roll(-int(pad[i])) for i in rows]) for k in ("input_ids", "attention_mask")}
-    full = model(**right).logits[:, virtual:]  # (B, T, V), column t predicts token t + 1
     width = labels.shape[1]
-    cols = torch.arange(width - answer, width, device=full.device)  # answer columns, left-padded coordinates
-    source = (cols[None, :] - pad[:, None].to(full.device) - 1).clamp(min=0)  # (B, A) predicting column
-    return full[torch.arange(len(rows), device=full.device)[:, None], source], target
+    cols = torch.arange(width - answer, width, device=labels.device)  # answer columns, left-padded coordinates
+    # (B, A): the position (after the soft tokens) whose output predicts each answer token
+    source = virtual + (cols[None, :] - pad[:, None] - 1).clamp(min=0)
+    row_index = torch.arange(len(rows), device=labels.device)[:, None]
+
+    def pick(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[row_index.to(hidden.device), source.to(hidden.device)]
+
+    with head_input(model, pick):
+        logits = model(**right).logits
+    if logits.shape[1] != answer:  # no head module to select before: select from the full logits
+        logits = pick(logits)
+    return logits, target
 
 
 def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
