@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from peftflow import checksums
 from peftflow.atomic import atomic_dir
 from peftflow.methods import Method, MethodParams, get_method, mergeable_names
+from peftflow.methods._fused_lora import fuse
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MANIFEST = "peftflow.json"
@@ -71,8 +72,11 @@ def load(
     if (out_dir / "adapter_config.json").is_file():
         if isinstance(base, PeftModel):  # another adapter on the same base, selectable by name
             base.load_adapter(out_dir, adapter_name=adapter_name)
+            fuse(base)
             return base
-        return PeftModel.from_pretrained(base, out_dir, adapter_name=adapter_name)
+        model = PeftModel.from_pretrained(base, out_dir, adapter_name=adapter_name)
+        fuse(model)  # LoRA layers scored with the fused forward training used (methods._fused_lora)
+        return model
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=base.dtype, local_files_only=True)
 
 

@@ -2,7 +2,8 @@
 
 A is Gaussian-initialized and B zero-initialized, so training starts exactly at the base model.
 The update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``). After training, ``merge``
-folds B·A into W: the merged model has no added latency.
+folds B·A into W: the merged model has no added latency. Training and evaluation run peft's
+layers with a fused forward (:mod:`peftflow.methods._fused_lora`); the adapter is peft's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from peftflow.methods import MethodParams, register
+from peftflow.methods._fused_lora import fuse
 from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes
 
 
@@ -21,7 +23,9 @@ class Params(MethodParams):
     name: Literal["lora"] = "lora"
     r: int = Field(16, ge=1)  # rank: higher means more capacity and memory
     alpha: float = Field(32, gt=0)  # scale of the update is alpha / r
-    dropout: float = Field(0.05, ge=0, lt=1)  # on the LoRA branch's input
+    # on the LoRA branch's input; 0 (peft's default) here: on a CPU the random masks cost more than
+    # a third of a step, and the demo's accuracy does not need them (README, "Benchmarks")
+    dropout: float = Field(0.0, ge=0, lt=1)
     # "all-linear": every linear layer but the output head; or module names, e.g. [q_proj, v_proj]
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     init: Literal["gaussian", "kaiming"] = "gaussian"  # how A is drawn; B is always zero
@@ -47,7 +51,9 @@ class LoRA(PeftWeightAdapter):
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         check_targets(model, params.name, "target_modules", params.target_modules)
-        return get_peft_model(model, lora_config(params))
+        model = get_peft_model(model, lora_config(params))
+        fuse(model)  # the same adapter, its update computed in one pass (see _fused_lora)
+        return model
 
     def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
         if params.target_modules != "all-linear":
