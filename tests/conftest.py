@@ -89,6 +89,9 @@ def tiny_overrides(model_dir: Path, data_file: Path, tmp_path: Path) -> list[str
         "train.save_every=0",
         "train.eval_examples=16",
         "eval.batch_size=16",
+        # fp32, so figures compare exactly across processes, resumes and reloads; bf16 (what `auto`
+        # picks on a CPU with AVX512-BF16) has its own tests in test_fast_path.py
+        "train.mixed_precision=no",
     ]
 
 

@@ -119,7 +119,8 @@ class TrainParams(Strict):
     warmup_steps: int = Field(10, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32; no: fp32
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     eval_every: int = operational(50, ge=0)  # 0: no periodic eval
     eval_examples: int = operational(200, ge=1)  # validation examples for periodic eval
     save_every: int = operational(50, ge=0)  # 0: no checkpoints
@@ -127,6 +128,11 @@ class TrainParams(Strict):
     log_every: int = operational(10, ge=1)
     output_dir: Path = operational(Path("runs"))  # the run lands in output_dir/run_name
     run_name: str | None = operational(None)  # default: the method name
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class EvalParams(Strict):

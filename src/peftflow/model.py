@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftflow.atomic import atomic_dir
+from peftflow.attention import use_fp32_cpu_attention
 from peftflow.config import ModelParams, Params
 from peftflow.methods import get_method
 
@@ -155,6 +156,7 @@ def load_base_model(params: ModelParams, **kwargs) -> PreTrainedModel:
             f"a truncated or damaged .safetensors file? (the embedded model: `peftflow convert-base --force`)"
         ) from None
     _portable_4bit(model)
+    use_fp32_cpu_attention(model)  # the same attention; bf16 autocast on CPU runs it in fp32, faster there
     return model
 
 

@@ -114,6 +114,7 @@ def make_accelerator(params, grad_accum: int, layer_classes: list[str] | None = 
         kwargs.update(cpu=cpu, fsdp_plugin=_fsdp_plugin(dist, layer_classes or []))
     else:
         kwargs["cpu"] = cpu
+    forget_other_precision(kwargs["mixed_precision"])
     accelerator = Accelerator(**kwargs)
     if dist.strategy == "fsdp" and not external and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # in both shared states: every later AcceleratorState() copies PartialState's over its own
@@ -122,6 +123,18 @@ def make_accelerator(params, grad_accum: int, layer_classes: list[str] | None = 
         accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
     _check_world(accelerator, dist)
     return accelerator
+
+
+def forget_other_precision(precision: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with
+    another mixed precision; a process that trains several runs (a test session, a notebook, a
+    flow on the in-process runner) may hold one from a run at another precision. Drop it (the
+    process-wide PartialState, the process group, stays)."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and str(held) != precision:
+        AcceleratorState._reset_state()
 
 
 def _set_up_by_accelerate_launch() -> bool:

@@ -29,6 +29,7 @@ from transformers import set_seed
 from peftflow import artifacts
 from peftflow.atomic import atomic_dir
 from peftflow.config import Params
+from peftflow.distributed import strategy
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer
 from peftflow.rlhf import policy
@@ -103,7 +104,9 @@ def train(
     cfg, started_at = params.train, time.perf_counter()
     reset_peak_memory()
     set_seed(params.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False)
+    precision = mixed_precision(cfg.mixed_precision)
+    strategy.forget_other_precision(precision)
+    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
     method = get_method(params.method.name)
 
     # the data: each example is a (chosen, rejected) pair, both texts in one left-padded batch

@@ -36,7 +36,13 @@ from peftflow.results import TrainSummary
 from peftflow.tokens import collate, completion_loss_sum, completion_tokens, encode
 from peftflow.training import checkpoint
 from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
-from peftflow.training.optim import make_optimizer, make_scheduler, optimizer_step
+from peftflow.training.optim import (
+    frozen_linears_to_bf16,
+    make_optimizer,
+    make_scheduler,
+    mixed_precision,
+    optimizer_step,
+)
 from peftflow.training.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,8 @@ def build_model(params: Params) -> torch.nn.Module:
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise ValueError(f"method {method.name}: no parameter is trainable; check its params")
+    if bf16_frozen_base(method, mixed_precision(params.train.mixed_precision), params.distributed.strategy):
+        log.info("%s frozen base weights stored in bf16 (bf16 autocast)", f"{frozen_linears_to_bf16(model):,}")
     log.info(
         "%s: %s of %s parameters trainable (%.3f%%)",
         method.name,
@@ -66,6 +74,19 @@ def build_model(params: Params) -> torch.nn.Module:
         100 * trainable / total,
     )
     return model
+
+
+def bf16_frozen_base(method, precision: str, strategy: str = "none") -> bool:
+    """Whether the frozen base's linear weights are kept in bf16 (:func:`frozen_linears_to_bf16`):
+    under bf16 autocast, for methods whose artifact holds only added tensors (the base is never
+    saved from this copy), on one process or DDP (FSDP and DeepSpeed flatten parameters into one
+    dtype), and not for a base loaded quantized. ``precision``: resolved (``bf16``, ``no``...)."""
+    return (
+        precision == "bf16"
+        and method.trains in ("added weights", "prompts")
+        and not method.quantizes_base
+        and strategy in ("none", "ddp")
+    )
 
 
 def train(
