@@ -13,7 +13,6 @@ zero-shot), and **val**, what promotion decides on (``val_loss``, ``val_accuracy
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from peftflow import artifacts, atomic, data
 from peftflow.config import Params, read_resolved
@@ -37,6 +37,7 @@ from peftflow.tokens import (
     encode_answer,
     encode_prompt,
 )
+from peftflow.training.optim import autocast, mixed_precision
 
 SELECTION_SPLIT = "val"  # what promotion decides on; the test split is reported, never used to decide
 SELECTION_FILE = "selection.json"  # a run's per-example values on it, beside metrics.json
@@ -47,12 +48,6 @@ def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     for i in range(0, len(order), batch_size):
         yield order[i : i + batch_size]
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Heldout(NamedTuple):
@@ -75,17 +70,20 @@ def heldout_pass(
     device,
     label_ids: list[int] | None = None,
     virtual: int = 0,
+    precision: str = "auto",
+    bar=None,
 ) -> Heldout:
     """The loss of every example, and with single-token ``label_ids`` the (N, L) log-probabilities
     of each label at every answer's first position, from the same pass. ``virtual``: soft tokens
-    the model puts before the input (see :func:`peftflow.tokens.answer_logits`)."""
+    the model puts before the input (see :func:`peftflow.tokens.answer_logits`); ``precision``:
+    ``train.mixed_precision``, as in training; ``bar``: a progress bar advanced per example."""
     was_training = model.training
     model.eval()
     nll, tokens = torch.zeros(len(encoded), dtype=torch.float64), torch.zeros(len(encoded), dtype=torch.long)
     scores = torch.zeros(len(encoded), len(label_ids)) if label_ids else None
     for idx in _by_length([len(e) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-        with _autocast(device):
+        with autocast(precision, device):
             logits, target = answer_logits(model, batch, virtual)
         logits = logits.float()
         per_token = torch.nn.functional.cross_entropy(
@@ -97,19 +95,28 @@ def heldout_pass(
             first = target.shape[1] - (target != IGNORE).sum(1)  # (B,) column of each answer's first token
             row = logits[torch.arange(len(idx), device=logits.device), first]  # (B, V)
             scores[idx] = torch.log_softmax(row, -1)[:, label_ids].cpu()
+        _advance(bar, len(idx))
     model.train(was_training)
     return Heldout(float(nll.sum()) / max(int(tokens.sum()), 1), nll, tokens, scores)
 
 
-def heldout_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int, device, virtual: int = 0) -> float:
+def _advance(bar, n: int) -> None:
+    if bar is not None:
+        bar.update(n)
+
+
+def heldout_loss(
+    model, encoded: list[Encoded], pad_id: int, batch_size: int, device, virtual: int = 0, precision: str = "auto"
+) -> float:
     """Mean cross-entropy per completion token (nats)."""
-    return heldout_pass(model, encoded, pad_id, batch_size, device, virtual=virtual).loss
+    return heldout_pass(model, encoded, pad_id, batch_size, device, virtual=virtual, precision=precision).loss
 
 
 @torch.no_grad()
 def label_scores(
-    model, pad_id: int, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int, device, virtual: int = 0
-) -> torch.Tensor:
+    model, pad_id: int, prompts: list[list[int]], label_ids: list[list[int]], batch_size: int, device, virtual: int = 0,
+    precision: str = "auto", bar=None,
+) -> torch.Tensor:  # fmt: skip
     """(N, L) log-likelihood of each candidate answer (token ids) after each encoded prompt."""
     model.eval()
     scores = torch.zeros(len(prompts), len(label_ids))
@@ -119,13 +126,14 @@ def label_scores(
         candidates = [label_ids[0]] if single else label_ids
         for j, ids in enumerate(candidates):
             batch = {k: v.to(device) for k, v in collate([Encoded(prompts[i], ids) for i in idx], pad_id).items()}
-            with _autocast(device):
+            with autocast(precision, device):
                 logits, target = answer_logits(model, batch, virtual)  # (B, len(ids), V), (B, len(ids))
             logp = torch.log_softmax(logits.float(), -1)
             if single:
                 scores[idx] = logp[:, 0, [ids[0] for ids in label_ids]].cpu()
             else:
                 scores[idx, j] = logp.gather(-1, target[..., None]).squeeze(-1).sum(-1).cpu()
+        _advance(bar, len(idx))
     return scores
 
 
@@ -148,13 +156,16 @@ def _encode_for_labels(tokenizer, examples: list[dict], labels: list[str], param
 
 
 def label_accuracy(
-    model, tokenizer, examples: list[dict], labels: list[str], params: Params, device, virtual: int = 0
+    model, tokenizer, examples: list[dict], labels: list[str], params: Params, device, virtual: int = 0, bar=None
 ) -> dict:
     """Accuracy of picking the most likely answer among ``labels``, overall and per true label,
     and ``correct``: whether each example's pick was right."""
     prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
-    scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual)
+    scores = label_scores(
+        model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual,
+        params.train.mixed_precision, bar,
+    )  # fmt: skip
     return _accuracy(scores, gold, labels)
 
 
@@ -188,7 +199,9 @@ def validation(
     """Training's periodic validation: ``val_loss``, and ``val_accuracy`` from the same pass when the
     labels are single tokens (:func:`first_token_labels`; other answers: the loss only)."""
     first = first_token_labels(tokenizer, params, encoded, examples, labels)
-    held = heldout_pass(model, encoded, tokenizer.pad_token_id, batch_size, device, first, virtual)
+    held = heldout_pass(
+        model, encoded, tokenizer.pad_token_id, batch_size, device, first, virtual, params.train.mixed_precision
+    )
     out = {"val_loss": held.loss}
     if held.scores is not None:
         gold = torch.tensor([labels.index(ex["completion"]) for ex in examples])
@@ -204,22 +217,28 @@ def example_ids(examples: list[dict]) -> list[str]:
 
 def score_split(
     model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0,
-    prefix: str = "test_",
+    prefix: str = "test_", bar=None,
 ) -> tuple[dict[str, Any], dict[str, list]]:  # fmt: skip
     """A split's loss and perplexity, and label accuracy when the answers form a closed set (keys
     ``{prefix}loss`` ...), and the per-example values they are made of: ``nll`` (summed over the
     answer's tokens), ``tokens`` and ``correct`` (closed label sets), with the examples' ``ids``.
     ``virtual``: soft tokens the model puts before the input (0 for a base model, or an adapter
-    switched off)."""
+    switched off). ``bar``: a progress bar advanced per example scored."""
     encoded = [encode(tokenizer, ex, params.data) for ex in examples]
     gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
     first = first_token_labels(tokenizer, params, encoded, examples, labels)
-    held = heldout_pass(model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual)
+    held = heldout_pass(
+        model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual,
+        params.train.mixed_precision, bar,
+    )  # fmt: skip
     out: dict[str, Any] = {f"{prefix}loss": held.loss, f"{prefix}perplexity": math.exp(min(held.loss, 50))}
     per = {"ids": example_ids(examples), "nll": held.nll.tolist(), "tokens": held.tokens.tolist()}
     if labels:
         if held.scores is None:
-            acc = label_accuracy(model, tokenizer, examples, labels, params, device, virtual)
+            if bar is not None:  # a second pass: candidate answers scored one by one
+                bar.total += len(examples)
+                bar.refresh()
+            acc = label_accuracy(model, tokenizer, examples, labels, params, device, virtual, bar)
         else:
             acc = _accuracy(held.scores, gold, labels)
         out[f"{prefix}accuracy"] = acc["accuracy"]
@@ -229,11 +248,12 @@ def score_split(
 
 
 def score(
-    model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0
-) -> dict[str, Any]:
+    model, tokenizer, params: Params, examples: list[dict], labels: list[str] | None, device, virtual: int = 0,
+    bar=None,
+) -> dict[str, Any]:  # fmt: skip
     """Test loss and perplexity, and label accuracy when the answers form a closed set (see
     :func:`score_split`)."""
-    return score_split(model, tokenizer, params, examples, labels, device, virtual)[0]
+    return score_split(model, tokenizer, params, examples, labels, device, virtual, bar=bar)[0]
 
 
 def _to(model, device: torch.device):
@@ -245,40 +265,35 @@ def _zeroshot_key(params: Params, version: str) -> str:
     what = {
         "model": base_model_id(params.model),
         "dtype": params.model.dtype,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",  # bf16 autocast on CUDA changes figures
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": mixed_precision(params.train.mixed_precision),  # bf16 autocast changes the figures
         "data": params.data.model_dump(mode="json"),
         "eval": params.eval.model_dump(),
     }
     return f"{version}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
-def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
+def evaluate_run(run_dir: Path, params: Params, progress: bool = True) -> EvalResult:
     """Score a finished run and the base model zero-shot on the test split, and the run on the
-    selection split; write metrics.json and selection.json (per-example values, for promotion)."""
+    selection split; write metrics.json and selection.json (per-example values, for promotion).
+    ``progress``: one bar over every example scored (test, selection split, zero-shot)."""
     run_dir = Path(run_dir)
     manifest = data.read_manifest(params.data.out_dir)
     examples = data.read_split(params.data.out_dir, "test")[: params.eval.max_examples]
+    selection_examples = data.read_split(params.data.out_dir, SELECTION_SPLIT)
     method = get_method(params.method.name)
-    model, tokenizer, device, virtual = _trained(run_dir, params)
-    metrics = score(model, tokenizer, params, examples, manifest["labels"], device, virtual)
-    selected, per_example = selection(model, tokenizer, params, manifest, device, virtual)
-    atomic.write_text(run_dir / SELECTION_FILE, json.dumps(per_example) + "\n")
-
     cache = params.train.output_dir / "zeroshot" / f"{_zeroshot_key(params, manifest['version'])}.json"
-    if cache.is_file():
-        zeroshot = json.loads(cache.read_text())
-    else:
+    model, tokenizer, device, virtual = _trained(run_dir, params)
+    total = len(examples) * (1 if cache.is_file() else 2) + len(selection_examples)
+    with tqdm(total=total, desc=f"evaluate {method.name}", unit="ex", disable=not progress) as bar:
+        metrics = score(model, tokenizer, params, examples, manifest["labels"], device, virtual, bar)
+        selected, per_example = selection(model, tokenizer, params, manifest, device, virtual, selection_examples, bar)
+        atomic.write_text(run_dir / SELECTION_FILE, json.dumps(per_example) + "\n")
         # the adapter switched off gives the base model (no soft tokens), unless the method loads the
-        # base changed (quantized)
-        if artifacts.is_adapter(model) and not method.quantizes_base:
-            with model.disable_adapter():
-                zeroshot = score(model, tokenizer, params, examples, manifest["labels"], device, virtual=0)
-        else:
-            del model
-            base = _to(load_base_model(params.model), device)
-            zeroshot = score(base, tokenizer, params, examples, manifest["labels"], device)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(cache, json.dumps(zeroshot, indent=2) + "\n")  # a reader never sees half a cache file
+        # base changed (quantized); else the trained model goes before the base model loads
+        if not (artifacts.is_adapter(model) and not method.quantizes_base):
+            model = None
+        zeroshot = _zeroshot(model, tokenizer, params, examples, manifest, device, cache, bar)
     summary_path = run_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     result = EvalResult(
@@ -294,12 +309,35 @@ def evaluate_run(run_dir: Path, params: Params) -> EvalResult:
     return result
 
 
-def selection(model, tokenizer, params: Params, manifest: dict, device, virtual: int = 0) -> tuple[dict, dict]:
-    """The model on the selection split (:data:`SELECTION_SPLIT`, all of it): its figures
-    (``val_loss``, ``val_accuracy``) and the per-example values promotion pairs (see
-    :mod:`peftflow.promote`), tagged with the split and the data version."""
-    examples = data.read_split(params.data.out_dir, SELECTION_SPLIT)
-    figures, per = score_split(model, tokenizer, params, examples, manifest["labels"], device, virtual, prefix="val_")
+def _zeroshot(adapted, tokenizer, params: Params, examples: list[dict], manifest: dict, device, cache: Path, bar):
+    """The base model's test figures, from ``cache`` when this data, model and precision were scored
+    before; else scored and cached: with ``adapted``'s adapter switched off, or (None) the base loaded."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    if adapted is not None:
+        with adapted.disable_adapter():
+            zeroshot = score(adapted, tokenizer, params, examples, manifest["labels"], device, 0, bar)
+    else:
+        base = _to(load_base_model(params.model), device)
+        zeroshot = score(base, tokenizer, params, examples, manifest["labels"], device, 0, bar)
+        del base
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(cache, json.dumps(zeroshot, indent=2) + "\n")  # a reader never sees half a cache file
+    return zeroshot
+
+
+def selection(
+    model, tokenizer, params: Params, manifest: dict, device, virtual: int = 0, examples: list[dict] | None = None,
+    bar=None,
+) -> tuple[dict, dict]:  # fmt: skip
+    """The model on the selection split (:data:`SELECTION_SPLIT`, all of it; ``examples`` if read
+    already): its figures (``val_loss``, ``val_accuracy``) and the per-example values promotion
+    pairs (see :mod:`peftflow.promote`), tagged with the split and the data version."""
+    if examples is None:
+        examples = data.read_split(params.data.out_dir, SELECTION_SPLIT)
+    figures, per = score_split(
+        model, tokenizer, params, examples, manifest["labels"], device, virtual, prefix="val_", bar=bar
+    )
     return figures, {"split": SELECTION_SPLIT, "data_version": manifest["version"], **per}
 
 
@@ -347,7 +385,10 @@ def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[st
     device = next(model.parameters()).device
     prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     virtual = get_method(params.method.name).input_virtual_tokens(params.method) if params.method else 0
-    scores = label_scores(model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual)
+    scores = label_scores(
+        model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual,
+        params.train.mixed_precision,
+    )  # fmt: skip
     probs = scores.softmax(-1)
     return [
         {"text": t, "label": labels[int(p.argmax())], "probability": float(p.max())}
