@@ -64,8 +64,10 @@ lint: setup
 	$(BIN)/ruff check src tests bench flows tasks
 	$(BIN)/ruff format --check src tests bench flows tasks
 
+# One training step of peftflow against the plain transformers + peft loop, every method, on the
+# embedded model's shape (README, "Benchmark"; about 25 min on 2 CPU cores). SIZE=tiny: a minute.
 bench: setup
-	$(BIN)/python bench/step_bench.py
+	SIZE=$${SIZE:-smol135m} STEPS=$${STEPS:-5} $(BIN)/python bench/step_bench.py
 
 lock:
 	{ echo "# Exact versions tested together; install with: pip install --no-deps -r requirements.lock"; \

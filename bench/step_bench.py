@@ -6,7 +6,10 @@ with the same method (``peftflow.methods``: the peft config or hand-written modu
 the same optimizer (the method's: paged AdamW for QLoRA on CUDA, else AdamW) and batches of prompt
 + short answer. The plain loop is what a user writes by hand: right padding, ``model(...,
 labels=...)`` (full-sequence logits). peftflow's step is :func:`peftflow.training.optim.optimizer_step`, the
-one ``peftflow train`` runs. CUDA: fp32 weights, bf16 autocast (as ``peftflow train``); CPU: fp32.
+one ``peftflow train`` runs, at the precision ``train.mixed_precision: auto`` resolves to (bf16
+autocast on CUDA and on CPUs with AVX512-BF16 or AMX, frozen base weights stored in bf16 as
+``peftflow train`` stores them; ``PRECISION=no`` for fp32). The plain loop: bf16 autocast on CUDA,
+fp32 on CPU (what a hand-written CPU loop runs).
 Peak memory: CUDA max allocated; CPU peak RSS, reset before each measurement (it includes what the
 process holds anyway, so CPU ratios understate the difference).
 
@@ -14,7 +17,8 @@ process holds anyway, so CPU ratios understate the difference).
     SIZE=smol135m METHODS=lora,ia3 python bench/step_bench.py      # the embedded model's shape
     SIZE=1b SEQ=1024 BATCH=8 ANSWER=2 python bench/step_bench.py  # CUDA: Llama-shaped 1.1B
 
-Environment: SIZE (tiny | smol135m | 1b), METHODS (comma list; default every method), BATCH, SEQ
+Environment: SIZE (tiny | smol135m | 1b), METHODS (comma list; default every method), PRECISION
+(peftflow's ``train.mixed_precision``: auto | no | bf16), BATCH, SEQ
 (prompt tokens), ANSWER (answer tokens), STEPS, WARM, ORDER (``peftflow,plain`` to measure peftflow
 first: a check that the order does not favour either side). Prints one JSON line per (method, loop), then a
 Markdown table with the ratios (peftflow / plain).
@@ -34,10 +38,13 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
+from peftflow.attention import use_fp32_cpu_attention
+from peftflow.distributed.strategy import forget_other_precision
 from peftflow.methods import get_method, method_names
 from peftflow.tokens import Encoded, collate, completion_loss_sum, completion_tokens
 from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
-from peftflow.training.optim import optimizer_step
+from peftflow.training.optim import frozen_linears_to_bf16, mixed_precision, optimizer_step
+from peftflow.training.sft import bf16_frozen_base
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (256, 4, 4, 2, 768, 49152),
@@ -80,7 +87,7 @@ def method_params(method: str, steps: int):
     return params.model_copy(update=update)
 
 
-def build(size: str, method: str, device, steps: int) -> torch.nn.Module:
+def build(size: str, method: str, device, steps: int, precision: str = "no", peftflow: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     m = get_method(method)
     params = method_params(method, steps)
@@ -90,7 +97,13 @@ def build(size: str, method: str, device, steps: int) -> torch.nn.Module:
             kwargs["device_map"] = {"": 0}
         base = LlamaForCausalLM.from_pretrained(saved(size), dtype=torch.float32, **kwargs)
         return m.apply(base, params)
-    return m.apply(LlamaForCausalLM(config(size)), params).to(device)
+    base = LlamaForCausalLM(config(size))
+    if peftflow:  # as load_base_model and build_model prepare it for peftflow train
+        use_fp32_cpu_attention(base)
+    model = m.apply(base, params).to(device)
+    if peftflow and bf16_frozen_base(m, precision):
+        frozen_linears_to_bf16(model)
+    return model
 
 
 def make_optimizer(model, method: str, steps: int) -> torch.optim.Optimizer:
@@ -132,12 +145,16 @@ def plain_step(model, rows: list[Encoded], optimizer, scheduler, device, autocas
     return loss.item(), int(mask.sum())
 
 
-def measure(size, method, loop, data, warm, device) -> dict:
+def measure(size, method, loop, data, warm, device, precision) -> dict:
+    """``precision``: peftflow's (resolved ``train.mixed_precision``); the plain loop's is fixed."""
+    if loop == "plain":
+        precision = "bf16" if device.type == "cuda" else "no"
     reset_peak_memory()
-    model = build(size, method, device, len(data)).train()
+    model = build(size, method, device, len(data), precision, loop == "peftflow").train()
     optimizer = make_optimizer(model, method, len(data))
     scheduler = get_scheduler("constant", optimizer)
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no")
+    forget_other_precision(precision)  # the plain loop's Accelerator ran at another one
+    accelerator = Accelerator(mixed_precision=precision)
     times, tokens = [], 0
     virtual = get_method(method).input_virtual_tokens(method_params(method, len(data)))
     objective = partial(completion_loss_sum, virtual=virtual)
@@ -161,6 +178,7 @@ def measure(size, method, loop, data, warm, device) -> dict:
         "method": method,
         "loop": loop,
         "device": str(device),
+        "precision": precision,
         "trainable": count_parameters(model)[0],
         "step_s_median": statistics.median(times),
         "tokens_per_s": tokens / sum(times),
@@ -181,16 +199,19 @@ def main() -> None:
     )
     steps, warm = int(os.environ.get("STEPS", 8)), int(os.environ.get("WARM", 2))
     order = os.environ.get("ORDER", "plain,peftflow").split(",")  # which loop runs first, per method
+    precision = mixed_precision(os.environ.get("PRECISION", "auto"))
     data = batches(steps + warm, batch, seq, answer, SIZES[size][5])
+    plain_precision = "bf16" if device.type == "cuda" else "fp32"
     table = [
-        f"{size}, batch {batch}, prompts {int(0.6 * seq)}-{seq} + {answer} tokens, {device}",
+        f"{size}, batch {batch}, prompts {int(0.6 * seq)}-{seq} + {answer} tokens, {device}; "
+        f"peftflow {'fp32' if precision == 'no' else precision}, plain loop {plain_precision}",
         "",
         "| method | trainable | plain tok/s | peftflow tok/s | ratio | plain peak GiB | peftflow peak GiB | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method in methods:
         try:
-            rows = {loop: measure(size, method, loop, data, warm, device) for loop in order}
+            rows = {loop: measure(size, method, loop, data, warm, device, precision) for loop in order}
         except Exception as e:  # e.g. bitsandbytes missing: say so, measure the rest
             print(json.dumps({"size": size, "method": method, "error": " ".join(str(e).split())[:300]}), flush=True)
             continue
