@@ -2,11 +2,12 @@
 
 Loss is causal-LM cross-entropy on the completion tokens only, normalized by the step's
 completion tokens over all micro-batches and processes. The loop does gradient accumulation,
-warmup + decay, gradient clipping, bf16 autocast on CUDA (fp32 on CPU), periodic validation, and
-checkpoints that resume exactly: trained weights, optimizer, scheduler and RNG states are saved,
-and the data order is a pure function of (seed, step), so a resumed run sees the same batches and
-reproduces the uninterrupted loss trajectory. ``accelerate launch`` runs the same loop on several
-GPUs: each process takes its own slice of every global batch.
+warmup + decay, gradient clipping, bf16 autocast where the device has it (CUDA, CPUs with
+AVX512-BF16 or AMX), periodic validation, and checkpoints that resume exactly: trained weights,
+optimizer, scheduler and RNG states are saved, and the data order is a pure function of (seed,
+step), so a resumed run sees the same batches and reproduces the uninterrupted loss trajectory.
+``accelerate launch`` runs the same loop on several GPUs: each process takes its own slice of
+every global batch.
 
 Why a hand-written loop rather than transformers' Trainer: it is short, its per-step cost is
 measured against a plain loop in ``bench/step_bench.py``, and exact resume of a data position
