@@ -64,6 +64,9 @@ def make_project(root: Path, model_dir: Path | None, n_rows: int = 160) -> Path:
         "eval.batch_size": 16,
         "compare.methods": ["lora", "ia3"],  # the compare stage of a full `dvc repro`
         "compare.token_budget": 1500,
+        # fp32, as the tiny-model tests: the promotion tests' margins on 16 examples are those of
+        # fp32 figures (bf16, what `auto` picks on a CPU with AVX512-BF16, is tested in test_fast_path)
+        "train.mixed_precision": "no",
     }
     if model_dir is not None:
         base["model.name_or_path"] = str(model_dir)
