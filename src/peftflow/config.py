@@ -114,6 +114,9 @@ class TrainParams(Strict):
     max_steps: int = Field(150, ge=1)  # optimizer steps
     batch_size: int = Field(16, ge=1)  # examples per micro-batch, per device
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    # padded tokens per forward pass at most: a wider micro-batch runs as row chunks, gradients
+    # summed (the same step, a lower memory peak); None: whole micro-batches
+    max_batch_tokens: int | None = Field(None, ge=1)
     lr: float = Field(5.0e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)

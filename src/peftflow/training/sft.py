@@ -43,6 +43,7 @@ from peftflow.training.optim import (
     make_scheduler,
     mixed_precision,
     optimizer_step,
+    release_free_memory,
 )
 from peftflow.training.sampler import Sampler
 
@@ -146,6 +147,11 @@ def _train(
     trainable, total = count_parameters(model)
     accelerator = strategy.make_accelerator(params, cfg.grad_accum, getattr(model, "_no_split_modules", None))
     main = accelerator.is_main_process
+    if cfg.max_batch_tokens and strategy.strategy_of(accelerator) not in ("none", "ddp"):
+        raise ValueError(
+            f"train.max_batch_tokens: splits micro-batches in one process or under ddp, not under "
+            f"{strategy.strategy_of(accelerator)}; lower train.batch_size and raise train.grad_accum instead"
+        )
     if accelerator.num_processes > 1:  # the same weights everywhere (built above), each its own dropout masks
         set_seed(params.seed + accelerator.process_index)
     if main and not resume:
@@ -211,8 +217,10 @@ def _train(
         ]
         result = optimizer_step(
             model, micro, completion_tokens, objective, optimizer, scheduler, accelerator, cfg.max_grad_norm,
-            method, step,
+            method, step, max_tokens=cfg.max_batch_tokens,
         )  # fmt: skip
+        if cfg.max_batch_tokens:  # a memory bound: what the allocator keeps of wider steps goes back too
+            release_free_memory()
         state["train_seconds"] += time.perf_counter() - started
         state["tokens"] += global_sum(accelerator, sum(int(b["attention_mask"].sum()) for b in micro))
         state["step"] = step
