@@ -244,7 +244,7 @@ def _examples(names: list[str], shown: int = 3) -> str:
 
 
 def _off_the_file(model: PreTrainedModel) -> None:
-    """Copy the weights that still view the memory-mapped checkpoint into memory of their own.
+    """Copy every CPU weight into memory of its own, so none views the memory-mapped checkpoint.
 
     transformers maps a safetensors file and keeps tensors whose dtype matches it as views of the
     mapping; one such view (say the embeddings) holds the whole file's pages that loading read in

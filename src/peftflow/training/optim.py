@@ -108,7 +108,8 @@ def row_chunks(batch: dict[str, torch.Tensor], max_tokens: int | None) -> Iterat
         return
     for start in range(0, rows, per):
         part = {key: t[start : start + per] for key, t in batch.items()}
-        first = int(part["attention_mask"].any(dim=0).nonzero()[0]) if part["attention_mask"].any() else 0
+        used = part["attention_mask"].any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
         yield {key: t[:, first:] for key, t in part.items()}
 
 
@@ -126,7 +127,7 @@ def _glibc():
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 _LIBC = _glibc()

@@ -147,10 +147,10 @@ def _train(
     trainable, total = count_parameters(model)
     accelerator = strategy.make_accelerator(params, cfg.grad_accum, getattr(model, "_no_split_modules", None))
     main = accelerator.is_main_process
-    if cfg.max_batch_tokens and strategy.strategy_of(accelerator) not in ("none", "ddp"):
+    if cfg.max_batch_tokens and (running := strategy.strategy_of(accelerator)) not in ("none", "ddp"):
         raise ValueError(
-            f"train.max_batch_tokens: splits micro-batches in one process or under ddp, not under "
-            f"{strategy.strategy_of(accelerator)}; lower train.batch_size and raise train.grad_accum instead"
+            f"train.max_batch_tokens: splits micro-batches in one process or under ddp, not under {running}; "
+            f"lower train.batch_size and raise train.grad_accum instead"
         )
     if accelerator.num_processes > 1:  # the same weights everywhere (built above), each its own dropout masks
         set_seed(params.seed + accelerator.process_index)
