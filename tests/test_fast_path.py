@@ -30,7 +30,8 @@ def _lora_pair(params):
     """peftflow's LoRA (fused) and peft's own LoRA over the same base, with the same non-zero B."""
     torch.manual_seed(0)
     fused = build_model(params)
-    plain = get_peft_model(load_base_model(params.model), lora_config(params.method))
+    base = load_base_model(params.model)
+    plain = get_peft_model(base, lora_config(params.method, base))
     with torch.no_grad():
         for name, p in fused.named_parameters():
             if "lora_B" in name:

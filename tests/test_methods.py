@@ -146,7 +146,9 @@ def test_ia3_feedforward_modules_must_be_targeted(tiny_params):
     with pytest.raises(
         ParamsError, match=r"ia3.yaml: method: feedforward_modules must be among target_modules; not targeted: up_proj$"
     ):
-        tiny_params("ia3", "method.feedforward_modules=[up_proj]")
+        tiny_params("ia3", "method.target_modules=[k_proj, v_proj, down_proj]", "method.feedforward_modules=[up_proj]")
+    with pytest.raises(ParamsError, match=r"ia3.yaml: method: target_modules and feedforward_modules: set both"):
+        tiny_params("ia3", "method.feedforward_modules=[down_proj]")
 
 
 def test_adalora_takes_its_schedule_from_the_run(tiny_params):

@@ -42,14 +42,18 @@ def _encoder(folder, model_cls, config_cls, tokenizer_dir):
                         intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     model_cls(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return ModelParams(name_or_path=str(folder))
+    return ModelParams(name_or_path=str(folder), task="causal_lm")
 
 
 def test_an_encoder_is_never_trained_as_a_causal_lm(tmp_path, tiny_model_dir):
-    """Bug: a sentence-embedding BERT loaded as BertLMHeadModel with a random LM head, trained and saved."""
+    """Bug: a sentence-embedding BERT loaded as BertLMHeadModel with a random LM head, trained and saved.
+    model.task auto makes it a sequence classifier; set to causal_lm, it is refused."""
     from transformers import BertConfig, BertModel
 
+    from peftflow.model import task_of
+
     params = _encoder(tmp_path / "bert", BertModel, BertConfig, tiny_model_dir)
+    assert task_of(params.model_copy(update={"task": "auto"})) == "sequence_classification"
     with pytest.raises(ValueError, match=r"bert: not a causal LM checkpoint: as a BertLMHeadModel its cls\.predi"):
         load_base_model(params)
 

@@ -493,3 +493,47 @@ def test_the_flows_train_a_method_on_two_processes(project, harness):
     tokens, steps = child.data.metrics["train_tokens"], child.data.metrics["steps"]
     assert budget <= tokens < budget * (1 + 1.5 / steps), (tokens, steps)  # every process's tokens count
     assert child.info.status == "FINISHED" and child.data.params["distributed.num_processes"] == "2"
+
+
+def test_an_encoder_classifier_through_compare_experiment_registry_and_load(tmp_path, tiny_bert_dir, harness,
+                                                                           monkeypatch):  # fmt: skip
+    """The BERT case: a bare encoder as the base (model.task auto: a sequence classifier), its methods
+    compared, one registered, promoted and loaded by alias, and texts classified by its head."""
+    from typer.testing import CliRunner
+
+    from flows.pipeline import compare, experiment
+    from peftflow.cli import app
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = make_project(tmp_path / "encoder", tiny_bert_dir)
+    set_keys(root / "params" / "data.yaml", {"data.prompt_template": "{text}"})  # the [CLS] reads the text alone
+    commit(root, "the tiny BERT on the review texts")
+    project = Project(root=root, overrides=["train.max_steps=24", "train.eval_every=8"])
+
+    report = compare(["lora", "bitfit"], seeds=1, token_budget=1500, project=project)
+    assert [r["method"] for r in report["table"]][0] == "base (zero-shot)"
+    assert {r["method"] for r in report["table"][1:]} == {"lora", "bitfit"} and not report["failed"]
+    assert all("test_macro_f1" in r and r["test_macro_f1"] is not None for r in report["table"][1:])
+
+    (result,) = experiment(methods=["lora"], project=project)
+    assert result["promoted"] and result["metrics"]["test_accuracy"] > 0.5
+    client = _client(root)
+    assert _aliases(client)["champion"] == result["version"]
+    run = client.get_run(result["run_id"])
+    assert run.data.metrics["zeroshot_test_loss"] > run.data.metrics["test_loss"]  # the untrained head: chance
+    stored = client.download_artifacts(result["run_id"], "model/peftflow.json", str(tmp_path))
+    assert json.loads(open(stored).read())["labels"] == ["negative", "positive"]  # the head's classes, in order
+
+    params = Project(root=root).params(None)
+    model, tokenizer, model_params, version = registry.load(f"models:/{MODEL}@champion", root, params)
+    from peftflow.evaluate import classify
+
+    test = data.read_split(root / "data" / "prepared", "test")
+    rows = classify(model, tokenizer, model_params, [ex["prompt"] for ex in test])
+    accuracy = sum(r["label"] == ex["completion"] for r, ex in zip(rows, test, strict=True)) / len(test)
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+    monkeypatch.chdir(root)
+    shown = CliRunner().invoke(app, ["load", f"models:/{MODEL}@champion", "-t", test[0]["prompt"]])
+    assert shown.exit_code == 0, shown.output
+    assert f"{rows[0]['label']:>10} ({rows[0]['probability']:.3f})" in shown.output

@@ -3,7 +3,8 @@
 A peft method saves only its adapter (weights + config, through peft's save_pretrained), a method
 that trains the base's own weights saves the whole model, and hand-written methods override the
 contract's ``save``/``load``. Every artifact carries ``peftflow.json`` (method name and params,
-and the SHA-256 of every file the method wrote, checked before loading), so it describes itself.
+the SHA-256 of every file the method wrote, checked before loading, and a classifier's labels in
+its head's order), so it describes itself.
 Saves are atomic: the folder appears under its name only once every file is written.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from peftflow import checksums
 from peftflow.atomic import atomic_dir
 from peftflow.methods import Method, MethodParams, get_method, mergeable_names
+from peftflow.methods._deep_prompts import prefix_through_kwargs
 from peftflow.methods._fused_lora import fuse
+from peftflow.methods._shared import is_classifier
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MANIFEST = "peftflow.json"
@@ -28,8 +32,32 @@ def save(model, method: Method, out_dir: Path, params: MethodParams) -> Path:
     with atomic_dir(out_dir) as tmp:
         method.save(model, tmp)
         manifest = {"method": method.name, "params": params.model_dump(mode="json"), "sha256": checksums.digests(tmp)}
+        classes = model_labels(model)
+        if classes is not None:  # what a classifier's outputs mean, for every later load of it
+            manifest["labels"] = classes
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return Path(out_dir)
+
+
+def model_labels(model) -> list[str] | None:
+    """A sequence classifier's labels, in its head's order (``config.id2label``); None for other models."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DeepSpeed wrappers
+        model = model.module
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not is_classifier(base):
+        return None
+    return [base.config.id2label[i] for i in range(base.config.num_labels)]
+
+
+def labels(out_dir: Path) -> list[str] | None:
+    """The labels a classifier artifact was trained on (None: not a classifier)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir}: no trained artifact (a finished run writes model/ with {MANIFEST})")
+    try:
+        return json.loads(path.read_text()).get("labels")
+    except ValueError as e:
+        raise checksums.CorruptError(f"{path}: not a peftflow artifact manifest ({e})") from None
 
 
 def read_manifest(out_dir: Path) -> tuple[Method, MethodParams]:
@@ -76,8 +104,10 @@ def load(
             return base
         model = PeftModel.from_pretrained(base, out_dir, adapter_name=adapter_name)
         fuse(model)  # LoRA layers scored with the fused forward training used (methods._fused_lora)
+        prefix_through_kwargs(model)  # a classifier's prefix passed as training passed it
         return model
-    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=base.dtype, local_files_only=True)
+    whole = AutoModelForSequenceClassification if is_classifier(base) else AutoModelForCausalLM
+    return whole.from_pretrained(out_dir, dtype=base.dtype, local_files_only=True)
 
 
 def check_mergeable(method: Method, where: str) -> None:
@@ -115,7 +145,8 @@ def merge_and_save(params, run_dir: Path, out_dir: Path) -> Path:
 
     method, _ = read_manifest(Path(run_dir) / "model")
     check_mergeable(method, "")
-    merged = method.merge(load(load_base_for(params), Path(run_dir) / "model"))
+    base = load_base_for(params, labels(Path(run_dir) / "model"))
+    merged = method.merge(load(base, Path(run_dir) / "model"))
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         load_tokenizer(params.model).save_pretrained(tmp)

@@ -75,6 +75,22 @@ def prepare(params_dir: ParamsDir = Path("params"), overrides: Overrides = None)
     console.print(
         f"[green]data version {manifest['version']}[/] ({manifest['source']}: {sizes}) in {params.data.out_dir}"
     )
+    console.print(_cut_report(params))
+
+
+def _cut_report(params) -> str:
+    """How many examples the configured model's tokens make longer than data.max_length, per split."""
+    from peftflow.objectives import cut_counts
+
+    try:
+        counts = cut_counts(params)
+    except (OSError, ValueError) as e:  # e.g. the embedded model not converted yet: its tokenizer is not there
+        return f"examples longer than data.max_length not counted: {' '.join(str(e).split())[:200]}"
+    limit = f"data.max_length ({params.data.max_length} tokens of {params.model.name_or_path})"
+    if not any(n for n, _ in counts.values()):
+        return f"no example is longer than {limit}"
+    found = ", ".join(f"{n:,} of {total:,} {split}" for split, (n, total) in counts.items())
+    return f"[yellow]longer than {limit}, cut to fit: {found}[/]"
 
 
 @app.command()
@@ -128,8 +144,18 @@ def _table(result: dict) -> Table:
     zs = result["zeroshot"]
     if "test_accuracy" in result:
         table.add_row("accuracy", f"{100 * zs['test_accuracy']:.1f}%", f"{100 * result['test_accuracy']:.1f}%")
-    table.add_row("loss (nats/token)", f"{zs['test_loss']:.4f}", f"{result['test_loss']:.4f}")
-    table.add_row("perplexity", f"{zs['test_perplexity']:.3f}", f"{result['test_perplexity']:.3f}")
+    if "test_macro_f1" in result and "test_macro_f1" in zs:
+        table.add_row("macro-F1", f"{100 * zs['test_macro_f1']:.1f}%", f"{100 * result['test_macro_f1']:.1f}%")
+    per_label = result.get("test_per_label_accuracy") or {}
+    if len(per_label) > 2:  # beside accuracy, which a large class can carry
+        for label, value in sorted(per_label.items()):
+            zero = (zs.get("test_per_label_accuracy") or {}).get(label)
+            table.add_row(f"  {label}", "-" if zero is None else f"{100 * zero:.1f}%", f"{100 * value:.1f}%")
+    classifier = result.get("task") == "sequence_classification"
+    table.add_row(f"loss (nats/{'example' if classifier else 'token'})", f"{zs['test_loss']:.4f}",
+                  f"{result['test_loss']:.4f}")  # fmt: skip
+    if not classifier:
+        table.add_row("perplexity", f"{zs['test_perplexity']:.3f}", f"{result['test_perplexity']:.3f}")
     if "trainable_params" in result:
         trainable = f"{result['trainable_params']:,} ({result['trainable_pct']:.2f}%)"
         table.add_row("trainable params", "0", trainable)

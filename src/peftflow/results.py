@@ -20,11 +20,12 @@ TRAIN_METRICS = (
     "tokens_per_s",
     "train_seconds",
     "train_tokens",
+    "cut_examples",
 )
 # the training figures metrics.json repeats beside the test metrics
-EFFICIENCY = (*(k for k in TRAIN_METRICS if k != "final_train_loss"), "wall_seconds", "steps")
+EFFICIENCY = (*(k for k in TRAIN_METRICS if k not in ("final_train_loss", "cut_examples")), "wall_seconds", "steps")
 # the metrics reproduce checks (efficiency figures vary with the machine's load)
-QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy")
+QUALITY_METRICS = ("final_train_loss", "val_loss", "test_loss", "test_perplexity", "test_accuracy", "test_macro_f1")
 
 
 def metric_names() -> tuple[set[str], tuple[str, ...]]:
@@ -32,7 +33,7 @@ def metric_names() -> tuple[set[str], tuple[str, ...]]:
     before anything trains): the names, and the prefixes of per-label figures."""
     scores = {k for k in Scores.model_fields if k != "test_per_label_accuracy"}
     names = {*scores, *(f"zeroshot_{k}" for k in scores), *TRAIN_METRICS, *EFFICIENCY}
-    names |= {"train_loss", "lr", "val_loss", "val_ppl", "val_accuracy"}
+    names |= {"train_loss", "lr", "val_loss", "val_ppl", "val_accuracy", "val_macro_f1"}
     return names, ("test_per_label_accuracy.", "zeroshot_test_per_label_accuracy.")
 
 
@@ -55,6 +56,7 @@ class TrainSummary(BaseModel):
     train_seconds: float  # in optimizer steps only
     tokens_per_s: float
     peak_memory_bytes: int  # the largest of the run's processes
+    cut_examples: int = 0  # training examples longer than data.max_length, cut to fit
     wall_seconds: float  # the whole call: loading, training, evaluations, saving
     device: str
     mixed_precision: str
@@ -74,10 +76,11 @@ class Scores(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    test_loss: float  # mean cross-entropy per completion token, nats
+    test_loss: float  # mean cross-entropy per completion token (a classifier: per example), nats
     test_perplexity: float
     test_accuracy: float | None = None  # text_label data: the most likely label is the true one
-    test_per_label_accuracy: dict[str, float] | None = None
+    test_macro_f1: float | None = None  # the mean over labels of each label's F1 (text_label data)
+    test_per_label_accuracy: dict[str, float] | None = None  # each true label's share picked right (recall)
 
 
 class EvalResult(Scores):
@@ -87,9 +90,11 @@ class EvalResult(Scores):
     data_version: str
     base_model: str
     zeroshot: Scores
+    task: str = "causal_lm"  # model.task, resolved: a sequence_classification loss is per example
     # the run on the whole validation split, what promotion decides on (absent in older metrics.json)
     val_loss: float | None = None
     val_accuracy: float | None = None
+    val_macro_f1: float | None = None
     # copied from the training summary (absent for an artifact evaluated without one)
     trainable_params: int | None = None
     total_params: int | None = None

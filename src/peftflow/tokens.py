@@ -23,9 +23,17 @@ IGNORE = -100  # label value the loss skips: prompt and padding
 class Encoded:
     prompt: list[int]
     completion: list[int]
+    cut: bool = False  # longer than data.max_length: the prompt's start was cut
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
+
+
+def by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Index chunks of similar length, so little of each batch is padding (for scoring)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
 
 
 def uses_chat(tokenizer: PreTrainedTokenizerBase, params: DataParams) -> bool:
@@ -64,7 +72,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: dict[str, str], params: 
                 f"data.max_length: {params.max_length} tokens leave no room for a prompt before a "
                 f"{len(completion)}-token completion ({example['completion'][:40]!r}...)"
             )
-        prompt = prompt[overflow:]  # keep the end of the prompt, next to the answer
+        return Encoded(prompt[overflow:], completion, cut=True)  # the end of the prompt kept, next to the answer
     return Encoded(prompt, completion)
 
 

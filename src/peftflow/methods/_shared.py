@@ -1,11 +1,50 @@
-"""Helpers several methods share: finding layers, checking targets, and the closed-form geometry of
-a Llama block that the methods' ``expected_trainable`` counts use."""
+"""Helpers several methods share: finding layers, checking targets, a sequence classifier's head,
+and the closed-form geometry of a Llama block that the methods' ``expected_trainable`` counts use.
+
+A sequence classifier (``model.task: sequence_classification``) is a backbone under a new
+classification head. Every method trains that head beside what it trains of its own: peft's
+through its ``SEQ_CLS`` task type (the head as ``modules_to_save``, saved with the adapter), the
+hand-written methods by marking it trainable, so their artifacts hold it too.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from peftflow.methods import Method
+
+_CLASSIFIERS = frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is one of transformers' sequence classifiers (``...ForSequenceClassification``)."""
+    return type(model).__name__ in _CLASSIFIERS
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The modules a sequence classifier adds to its backbone (``classifier`` on BERT, ``pre_classifier``
+    and ``classifier`` on DistilBERT, ``score`` on Llama): its children with weights, other than the
+    backbone (``base_model_prefix``). Empty for any other model."""
+    if not is_classifier(model):
+        return []
+    backbone = getattr(model, "base_model_prefix", "")
+    return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())]
+
+
+def train_head(model: nn.Module) -> None:
+    """Make a sequence classifier's head trainable (a no-op for other models)."""
+    for name in head_modules(model):
+        model.get_submodule(name).requires_grad_(True)
+
+
+def peft_task(model: nn.Module) -> dict[str, Any]:
+    """The task arguments of a peft config for ``model``: a causal LM's, or a classifier's with its
+    head trained and saved beside the adapter."""
+    head = head_modules(model)
+    return {"task_type": "SEQ_CLS", "modules_to_save": head} if head else {"task_type": "CAUSAL_LM"}
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -14,11 +53,13 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def check_targets(model: nn.Module, method: str, field: str, targets: str | list[str]) -> None:
-    """Fail before training, naming what the model offers, if a target module is not in the model."""
-    if targets == "all-linear":
+    """Fail before training, naming what the model offers, if a target module is not in the model
+    (a target is a module's name or the end of its dotted path, e.g. ``output.dense``, as in peft)."""
+    if targets in ("all-linear", "auto"):
         return
     offered = linear_names(model)
-    missing = [t for t in targets if t not in offered]
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ValueError(
             f"method {method}: {field}: {', '.join(missing)} not in the model; "

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftflow.methods import MethodParams, register
-from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes
+from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes, peft_task
 
 
 class Params(MethodParams):
@@ -59,7 +59,7 @@ class AdaLoRA(PeftWeightAdapter):  # P·Λ·Q folds into W like B·A
                 f"method adalora: tinit_fraction + tfinal_fraction: leave no pruning phase in {total} steps"
             )
         config = AdaLoraConfig(
-            task_type="CAUSAL_LM",
+            **peft_task(model),
             init_r=params.init_r,
             target_r=params.target_r,
             lora_alpha=params.alpha,

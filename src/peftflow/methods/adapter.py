@@ -5,6 +5,12 @@ feed-forward network; Pfeiffer et al., 2021, arXiv:2005.00247: after the feed-fo
 Written by hand: the ``adapters`` library pins transformers 4.57 and peft has no bottleneck adapter.
 Each adapter is a child module of the sublayer it follows (so it lives in the state dict), applied
 by a forward hook; the up-projection starts at zero, so training starts at the base model.
+
+Where a sublayer's output joins the residual stream depends on the architecture (:data:`LAYOUTS`):
+a Llama block adds ``self_attn``'s and ``mlp``'s outputs to it; a BERT layer adds the output
+projections ``attention.output.dense`` and ``output.dense`` inside its post-norm (as in Houlsby's
+BERT experiments: adapter, then residual and LayerNorm); DistilBERT's ``attention`` and ``ffn``. On a
+sequence classifier the new classification head trains (and is saved) with the adapters.
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import decoder_blocks, dims
+from peftflow.methods._shared import decoder_blocks, dims, train_head
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 WEIGHTS = "adapter_model.safetensors"
+# (after attention, after the feed-forward network): the block's sublayers whose outputs join the residual stream
+LAYOUTS = (
+    ("self_attn", "mlp"),  # Llama, Qwen2, Mistral, ...
+    ("attn", "mlp"),  # GPT-2
+    ("attention.output.dense", "output.dense"),  # BERT, RoBERTa, ELECTRA
+    ("attention", "ffn"),  # DistilBERT
+)
 
 
 class Params(MethodParams):
@@ -52,12 +65,16 @@ def _after(module: nn.Module, _inputs, output):
 
 
 def _sublayers(block: nn.Module, placement: str) -> list[nn.Module]:
-    names = ["self_attn", "mlp"] if placement == "houlsby" else ["mlp"]
-    missing = [n for n in names if not hasattr(block, n)]
-    if missing:
-        offered = ", ".join(n for n, _ in block.named_children())
-        raise ValueError(f"method adapter: placement: blocks have no {', '.join(missing)}; they have: {offered}")
-    return [getattr(block, n) for n in names]
+    names = set(dict(block.named_modules()))
+    for attention, ffn in LAYOUTS:
+        if attention in names and ffn in names:
+            return [block.get_submodule(n) for n in ((attention, ffn) if placement == "houlsby" else (ffn,))]
+    offered = ", ".join(n for n, _ in block.named_children())
+    known = "; ".join(" + ".join(layout) for layout in LAYOUTS)
+    raise ValueError(
+        f"method adapter: {type(block).__name__} blocks have none of the known sublayer layouts ({known}); they have: "
+        f"{offered}"
+    )
 
 
 @register
@@ -74,18 +91,19 @@ class Adapter(Method):
                 ref = next(sub.parameters())
                 sub.adapter = Bottleneck(hidden, width, params.activation).to(device=ref.device, dtype=ref.dtype)
                 sub.register_forward_hook(_after)
+        train_head(model)
         return model
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".adapter." in n}
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, out_dir / WEIGHTS)
         (out_dir / "adapter_shapes.json").write_text(json.dumps({n: list(t.shape) for n, t in weights.items()}))
 
     def load(self, base: nn.Module, out_dir: Path, params: Params) -> nn.Module:
         model = self.apply(base, params)
         weights = load_file(out_dir / WEIGHTS)
-        expected = {n for n, _ in model.named_parameters() if ".adapter." in n}
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}  # adapters (and a classifier's head)
         if set(weights) != expected:
             raise ValueError(
                 f"{out_dir}: adapter weights do not fit this base model "

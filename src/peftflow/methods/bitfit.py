@@ -2,6 +2,8 @@
 
 Llama-family models have no biases. For them, zero-initialized biases are added to the targeted
 linear layers (so training starts at the base model) and only those train; the run's log says so.
+Encoders (BERT) have them: every bias term trains, LayerNorm's included, and nothing is added. On a
+sequence classifier the new classification head trains too, as in the paper.
 A model left with nothing to train is an error, never a silent no-op. Written by hand: peft has
 no BitFit.
 """
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import check_targets, dims, linear_shapes
+from peftflow.methods._shared import check_targets, dims, head_modules, linear_shapes, train_head
 
 log = logging.getLogger(__name__)
 WEIGHTS = "bias_model.safetensors"
@@ -33,11 +35,13 @@ class Params(MethodParams):
 
 def _targets(model: nn.Module, params: Params) -> list[tuple[str, nn.Linear]]:
     head = model.get_output_embeddings()
+    classifier = tuple(f"{n}." for n in head_modules(model))
     return [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
         and m is not head
+        and not f"{name}.".startswith(classifier)
         and (params.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in params.target_modules)
     ]
 
@@ -49,7 +53,9 @@ class BitFit(Method):
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         model.requires_grad_(False)
-        existing = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        classifier = tuple(f"{n}." for n in head_modules(model))
+        existing = [p for n, p in model.named_parameters() if n.endswith(".bias") and not n.startswith(classifier)]
+        train_head(model)
         if existing:
             for p in existing:
                 p.requires_grad_(True)

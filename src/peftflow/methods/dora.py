@@ -25,7 +25,7 @@ class DoRA(lora.LoRA):
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         check_targets(model, params.name, "target_modules", params.target_modules)
-        return get_peft_model(model, lora.lora_config(params, use_dora=True))
+        return get_peft_model(model, lora.lora_config(params, model, use_dora=True))
 
     def expected_trainable(self, base: nn.Module, params: Params) -> int | None:
         if params.target_modules != "all-linear":

@@ -3,7 +3,8 @@ baseline of layer-wise fine-tuning (e.g. Lee et al., 2019, "What Would Elsa Do? 
 During Transformer Fine-Tuning", arXiv:1911.03090).
 
 On models whose output head is tied to the input embeddings (SmolLM2 is), ``train_head`` trains the
-shared embedding matrix too. The artifact is the whole model, as for ``full``.
+shared embedding matrix too. A sequence classifier's head is new, so it always trains. The
+artifact is the whole model, as for ``full``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import decoder_blocks, dims, linear_shapes
+from peftflow.methods._shared import decoder_blocks, dims, linear_shapes, train_head
 
 
 class Params(MethodParams):
@@ -37,7 +38,8 @@ class Freeze(Method):
         model.requires_grad_(False)
         for block in blocks[-params.last_n_blocks :]:
             block.requires_grad_(True)
-        if params.train_head:
+        train_head(model)  # a classifier's (new) head
+        if params.train_head and model.get_output_embeddings() is not None:
             model.get_output_embeddings().requires_grad_(True)
             norm = getattr(getattr(model, "model", model), "norm", None)
             if norm is not None:

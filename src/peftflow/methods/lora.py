@@ -16,7 +16,7 @@ from torch import nn
 
 from peftflow.methods import MethodParams, register
 from peftflow.methods._fused_lora import fuse
-from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes
+from peftflow.methods._shared import PeftWeightAdapter, check_targets, dims, linear_shapes, peft_task
 
 
 class Params(MethodParams):
@@ -32,9 +32,10 @@ class Params(MethodParams):
     use_rslora: bool = False
 
 
-def lora_config(params: Params, **extra) -> LoraConfig:
+def lora_config(params: Params, model: nn.Module, **extra) -> LoraConfig:
+    """peft's config for ``params`` on ``model`` (a classifier's head trained and saved beside it)."""
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        **peft_task(model),
         r=params.r,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
@@ -51,7 +52,7 @@ class LoRA(PeftWeightAdapter):
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         check_targets(model, params.name, "target_modules", params.target_modules)
-        model = get_peft_model(model, lora_config(params))
+        model = get_peft_model(model, lora_config(params, model))
         fuse(model)  # the same adapter, its update computed in one pass (see _fused_lora)
         return model
 

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import dims
+from peftflow.methods._shared import dims, peft_task
 
 
 class Params(MethodParams):
@@ -32,7 +32,7 @@ class PromptTuning(Method):
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         text = params.init == "text"
         config = PromptTuningConfig(
-            task_type="CAUSAL_LM",
+            **peft_task(model),
             num_virtual_tokens=params.num_virtual_tokens,
             prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=params.init_text if text else None,

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from peftflow.methods import Method, MethodParams, register
-from peftflow.methods._shared import dims
+from peftflow.methods._shared import dims, peft_task
 
 
 class Params(MethodParams):
@@ -31,7 +31,7 @@ class PTuning(Method):
 
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         config = PromptEncoderConfig(
-            task_type="CAUSAL_LM",
+            **peft_task(model),
             num_virtual_tokens=params.num_virtual_tokens,
             encoder_reparameterization_type=params.encoder.upper(),
             encoder_hidden_size=params.encoder_hidden_size,

@@ -75,7 +75,7 @@ class QLoRA(lora.LoRA):
     def apply(self, model: nn.Module, params: Params) -> nn.Module:
         check_targets(model, params.name, "target_modules", params.target_modules)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, lora.lora_config(params))
+        return get_peft_model(model, lora.lora_config(params, model))
 
     def unsupported(self, strategy: str, params: Params) -> str | None:
         if strategy in ("fsdp", "deepspeed"):

@@ -79,7 +79,25 @@ def load_stage(
         raise ParamsError(f"{stage_file}: method.name: required key is missing")
     method_path = method_file(params_dir, method, stage_file, files)
     paths = [params_dir / "base.yaml", params_dir / "rlhf" / "base.yaml", method_path, stage_file]
-    return merge_files(paths, mine, files)
+    params = merge_files(paths, mine, files)
+    _causal_lm_only(params, stage_file)
+    return params
+
+
+def _causal_lm_only(params: Params, stage_file: Path) -> None:
+    """The chain samples continuations: a model.task that makes the base a classifier is refused here."""
+    from peftflow.model import CLASSIFIER, task_of
+
+    try:
+        classifier = task_of(params.model) == CLASSIFIER
+    except (FileNotFoundError, ValueError):  # a model that is not there is named when it loads
+        return
+    if classifier:
+        raise ParamsError(
+            f"{stage_file}: model: the RLHF chain samples text from a causal LM; {params.model.name_or_path} is "
+            f"loaded as a sequence classifier (model.task {params.model.task}); set model.task: causal_lm or "
+            f"another base model"
+        )
 
 
 def check_judge(params_dir: Path, overrides: list[str] | tuple[str, ...] = (), files: config.Files | None = None):

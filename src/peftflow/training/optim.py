@@ -110,7 +110,7 @@ def row_chunks(batch: dict[str, torch.Tensor], max_tokens: int | None) -> Iterat
         part = {key: t[start : start + per] for key, t in batch.items()}
         used = part["attention_mask"].any(dim=0).nonzero()
         first = int(used[0]) if len(used) else 0
-        yield {key: t[:, first:] for key, t in part.items()}
+        yield {key: t[:, first:] if t.dim() == 2 else t for key, t in part.items()}  # (B,) labels: no columns
 
 
 def release_free_memory() -> None:

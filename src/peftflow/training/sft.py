@@ -1,8 +1,9 @@
 """Supervised fine-tuning, the recipe every method trains with, read top to bottom.
 
-Loss is causal-LM cross-entropy on the completion tokens only, normalized by the step's
-completion tokens over all micro-batches and processes. The loop does gradient accumulation,
-warmup + decay, gradient clipping, bf16 autocast where the device has it (CUDA, CPUs with
+For a causal LM the loss is cross-entropy on the completion tokens only, normalized by the step's
+completion tokens over all micro-batches and processes; for a sequence classifier it is the
+head's cross-entropy, normalized by the step's examples (:mod:`peftflow.objectives`). The loop
+does gradient accumulation, warmup + decay, gradient clipping, bf16 autocast where the device has it (CUDA, CPUs with
 AVX512-BF16 or AMX), periodic validation, and checkpoints that resume exactly: trained weights,
 optimizer, scheduler and RNG states are saved, and the data order is a pure function of (seed,
 step), so a resumed run sees the same batches and reproduces the uninterrupted loss trajectory.
@@ -21,20 +22,18 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from peftflow import artifacts, data
+from peftflow import artifacts, data, objectives
 from peftflow.config import Params, fingerprint, save_params
 from peftflow.distributed import launch, strategy
 from peftflow.evaluate import validation
 from peftflow.methods import get_method
 from peftflow.model import load_base_for, load_tokenizer, weights_identity
 from peftflow.results import TrainSummary
-from peftflow.tokens import collate, completion_loss_sum, completion_tokens, encode
 from peftflow.training import checkpoint
 from peftflow.training.meters import count_parameters, peak_memory_bytes, reset_peak_memory
 from peftflow.training.optim import (
@@ -138,9 +137,14 @@ def _train(
     # the data first: missing or damaged, it is named before minutes go into loading the weights
     tokenizer = load_tokenizer(params.model)
     manifest = data.read_manifest(params.data.out_dir)
-    train_set = [encode(tokenizer, ex, params.data) for ex in data.read_split(params.data.out_dir, "train")]
+    objective = objectives.for_run(params, tokenizer, manifest.get("labels"))
+    train_set = [objective.encode(ex) for ex in data.read_split(params.data.out_dir, "train")]
     val_rows = data.read_split(params.data.out_dir, "val")[: cfg.eval_examples]
-    val_set = [encode(tokenizer, ex, params.data) for ex in val_rows]
+    val_set = [objective.encode(ex) for ex in val_rows]
+    cut = objectives.cut(train_set)
+    if cut:
+        log.warning("%d of %d training examples are longer than data.max_length=%d tokens: cut to fit",
+                    cut, len(train_set), params.data.max_length)  # fmt: skip
 
     # the model, and the processes that train it
     model = build_model(params) if model is None else model
@@ -168,7 +172,9 @@ def _train(
     optimizer = make_optimizer(model, cfg, method, params.method)
     scheduler = make_scheduler(cfg, optimizer)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    objective = partial(completion_loss_sum, virtual=virtual)
+
+    def loss_sum(model, batch):
+        return objective.loss_sum(model, batch, virtual)
 
     fp = resume_fingerprint(params, manifest["version"])
     state = {"step": 0, "history": [], "evals": [], "tokens": 0, "train_seconds": 0.0, "params": fp}
@@ -211,12 +217,9 @@ def _train(
     while state["step"] < last:
         step = state["step"] + 1
         started = time.perf_counter()
-        micro = [
-            collate([train_set[i] for i in rows], tokenizer.pad_token_id)
-            for rows in sampler.step_indices(step, cfg.grad_accum)
-        ]
+        micro = [objective.collate([train_set[i] for i in rows]) for rows in sampler.step_indices(step, cfg.grad_accum)]
         result = optimizer_step(
-            model, micro, completion_tokens, objective, optimizer, scheduler, accelerator, cfg.max_grad_norm,
+            model, micro, objective.units, loss_sum, optimizer, scheduler, accelerator, cfg.max_grad_norm,
             method, step, max_tokens=cfg.max_batch_tokens,
         )  # fmt: skip
         if cfg.max_batch_tokens:  # a memory bound: what the allocator keeps of wider steps goes back too
@@ -259,6 +262,7 @@ def _train(
         train_seconds=state["train_seconds"],
         tokens_per_s=state["tokens"] / max(state["train_seconds"], 1e-9),
         peak_memory_bytes=global_max(accelerator, peak_memory_bytes()),  # the most any process needed
+        cut_examples=cut,
         wall_seconds=time.perf_counter() - started_at,  # this call: loading, training, evals, saving
         device=str(accelerator.device),
         mixed_precision=accelerator.mixed_precision,
