@@ -511,10 +511,9 @@ def test_an_encoder_classifier_through_compare_experiment_registry_and_load(tmp_
     commit(root, "the tiny BERT on the review texts")
     project = Project(root=root, overrides=["train.max_steps=24", "train.eval_every=8"])
 
-    report = compare(["lora", "bitfit"], seeds=1, token_budget=1500, project=project)
-    assert [r["method"] for r in report["table"]][0] == "base (zero-shot)"
-    assert {r["method"] for r in report["table"][1:]} == {"lora", "bitfit"} and not report["failed"]
-    assert all("test_macro_f1" in r and r["test_macro_f1"] is not None for r in report["table"][1:])
+    report = compare(["bitfit"], seeds=1, token_budget=1500, project=project)  # the budget in the encoder's tokens
+    assert [r["method"] for r in report["table"]] == ["base (zero-shot)", "bitfit"] and not report["failed"]
+    assert report["table"][1]["test_macro_f1"] is not None and report["table"][1]["train_tokens"] >= 1500
 
     (result,) = experiment(methods=["lora"], project=project)
     assert result["promoted"] and result["metrics"]["test_accuracy"] > 0.5

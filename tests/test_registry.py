@@ -49,11 +49,12 @@ def _answers(right: int) -> list[int]:
     return correct
 
 
-def _run(client: MlflowClient, experiment: str, right: int, test_accuracy: float, seed: int = 42) -> str:
+def _run(client: MlflowClient, experiment: str, right: int, test_accuracy: float, seed: int = 42, **tags) -> str:
     correct = _answers(right)
     nll = [0.2 if c else 1.5 for c in correct]
-    run = client.create_run(experiment, tags={"peftflow.evaluated": "true", "peftflow.data_version": DATA,
-                                              "peftflow.method": "lora", "peftflow.seed": str(seed)})  # fmt: skip
+    tags = {"peftflow.evaluated": "true", "peftflow.data_version": DATA, "peftflow.method": "lora",
+            "peftflow.seed": str(seed), **tags}  # fmt: skip
+    run = client.create_run(experiment, tags=tags)
     run_id = run.info.run_id
     val_loss = sum(nll) / (2 * N)
     tracking.log_metrics(client, run_id, {"val_accuracy": right / N, "val_loss": val_loss,
@@ -106,6 +107,25 @@ def _champion_from_older_data(client: MlflowClient, experiment: str, name: str) 
     client.set_registered_model_alias(name, "champion", old)
     client.set_model_version_tag(name, old, "peftflow.data_version", "dv-older")
     return old, registry.register(client, _run(client, experiment, right=190, test_accuracy=0.9), name)
+
+
+def test_a_classifier_and_a_causal_lm_are_not_compared_on_their_losses(store):
+    """A classifier's val_loss is per example, a causal LM's per answer token: other units."""
+    root, params, client, experiment = store
+    name = params.promote.model_name
+    champion = registry.register(client, _run(client, experiment, 150, 0.75), name)
+    assert registry.promote(client, root, params, champion).promote
+    run = _run(client, experiment, 170, 0.85, **{"peftflow.task": "sequence_classification"})
+    candidate = registry.register(client, run, name)
+    with pytest.raises(tracking.TrackingError, match=rf"^promote: version {candidate} is a sequence_classification "
+                       rf"model and the champion v{champion} a causal_lm one: val_loss is per example for one and "
+                       r"per answer token for the other"):  # fmt: skip
+        registry.promote(client, root, params, candidate)
+    assert _aliases(client)["champion"] == champion and "peftflow.promotion" not in client.get_model_version(
+        name, candidate).tags  # fmt: skip
+    params.promote.guards = {}  # on accuracy alone the two compare, example by example
+    assert registry.promote(client, root, params, candidate).promote
+    assert _aliases(client)["champion"] == candidate
 
 
 def test_a_candidate_is_judged_on_its_own_data(store):

@@ -330,7 +330,7 @@ def _classifier(params: ModelParams, source: str, labels: list[str] | None, seed
         quantization.llm_int8_skip_modules = sorted(skip)
     # the head from the seed, the caller's random stream untouched; transformers' table of the weights it
     # initialized is left out (the new head is expected and logged below; a new backbone weight is an error)
-    with torch.random.fork_rng(devices=[]), _quiet("transformers.modeling_utils"):
+    with torch.random.fork_rng(devices=[]), _without_load_report("transformers.modeling_utils"):
         torch.manual_seed(seed)
         model, loading = _from_pretrained(
             AutoModelForSequenceClassification, params, source, num_labels=len(labels),
@@ -353,14 +353,20 @@ def _classifier(params: ModelParams, source: str, labels: list[str] | None, seed
 
 
 @contextlib.contextmanager
-def _quiet(name: str):
+def _without_load_report(name: str):
+    """Drop transformers' table of loaded, missing and mismatched weights from logger ``name`` (a filter:
+    raising the logger's level would switch on transformers' tensor-parallel plan check, which logs
+    every layer of a model that has no plan)."""
     logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    logger.addFilter(keep)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(keep)
 
 
 def _examples(names: list[str], shown: int = 3) -> str:

@@ -292,6 +292,7 @@ def promote(client: MlflowClient, root: Path, params: Params, version: str) -> D
             return Decision(False, [f"version {cand.version} is already the champion"], "already the champion")
         champion = None
         if champ is not None:
+            _comparable(cand, champ, policy)
             if champ.version not in judged:
                 if champ.tags.get("peftflow.data_version") != cand.tags.get("peftflow.data_version"):
                     log.info("champion v%s was evaluated on other data; scoring it on the candidate's", champ.version)
@@ -313,6 +314,19 @@ def promote(client: MlflowClient, root: Path, params: Params, version: str) -> D
             _record(client, cand, against, decision)
         log.info("%s v%s vs champion %s: %s", name, cand.version, against, decision.summary)
         return decision
+
+
+def _comparable(cand, champ, policy) -> None:
+    """A sequence classifier's losses are per example, a causal LM's per answer token: a policy that
+    reads a loss cannot judge one against the other (versions from before the tag are causal LMs)."""
+    task, champion_task = (v.tags.get("peftflow.task", "causal_lm") for v in (cand, champ))
+    losses = [k for k in [policy.metric, *policy.guards] if k.endswith(("loss", "perplexity", "ppl"))]
+    if task != champion_task and losses:
+        raise tracking.TrackingError(
+            f"promote: version {cand.version} is a {task} model and the champion v{champ.version} a {champion_task} "
+            f"one: {', '.join(losses)} is per example for one and per answer token for the other; decide on "
+            f"val_accuracy without loss guards (promote.guards: {{}}), or register it under another promote.model_name"
+        )
 
 
 def _champion_figures(client: MlflowClient, champ, cand, policy) -> dict[str, float]:

@@ -39,6 +39,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl"
 LINEAGE_KEYS = (
     "peftflow.method",
     "peftflow.base_model",
+    "peftflow.task",
     "peftflow.seed",
     "peftflow.data_version",
     "peftflow.data_source",
@@ -140,11 +141,12 @@ def code_version(root: Path) -> dict[str, str]:
 
 
 def lineage(params: Params, root: Path, manifest: dict[str, Any], data_md5: str | None) -> dict[str, str]:
-    from peftflow.model import base_model_id
+    from peftflow.model import base_model_id, task_of
 
     tags = {
         "peftflow.method": params.method.name,
         "peftflow.base_model": base_model_id(params.rebased(root).model),
+        "peftflow.task": task_of(params.rebased(root).model),  # what its losses are per: token or example
         "peftflow.seed": str(params.seed),
         "peftflow.data_version": manifest["version"],
         "peftflow.data_source": manifest["source"],
