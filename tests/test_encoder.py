@@ -85,6 +85,27 @@ def test_every_method_trains_a_classifier_and_reloads_it(method, tiny_classifier
         assert summary.artifact_bytes < 4 * summary.trainable_params + 64 * 1024, f"{method}: stores more than trained"
 
 
+def test_a_decoder_classifier_reads_each_texts_last_token_whatever_the_padding(tiny_params):
+    """model.task sequence_classification on the tiny Llama: its `score` head reads the last token,
+    so rows pad on the left (with their position ids); a row's logits are its own in any batch."""
+    from peftflow.classifier import pads_left
+
+    params = tiny_params("lora", "model.task=sequence_classification", "data.prompt_template='{text}'",
+                         "train.lr=5.0e-3", "train.max_steps=20")  # fmt: skip
+    assert train(params, progress=False).finished
+    out = params.run_dir / "model"
+    model = artifacts.load(load_base_for(params, artifacts.labels(out)), out).eval()
+    tokenizer = load_tokenizer(params.model)
+    assert head_modules(model.get_base_model()) == ["score"] and pads_left(tokenizer)
+    labels = artifacts.labels(out)
+    encoded = [encode(tokenizer, ex, params.data, labels) for ex in data.read_split(params.data.out_dir, "val")[:8]]
+    assert len({len(e) for e in encoded}) > 1  # rows of several lengths: some are padded
+    with torch.no_grad():
+        together = model(**model_inputs(collate(encoded, tokenizer.pad_token_id, True))).logits
+        alone = torch.cat([model(**model_inputs(collate([e], tokenizer.pad_token_id, True))).logits for e in encoded])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
 def test_the_head_is_drawn_from_the_seed_and_an_existing_head_is_kept(tiny_classifier_params, tmp_path):
     params = tiny_classifier_params("lora")
     labels = ["negative", "positive"]
