@@ -1,6 +1,6 @@
 """The command lines of the shell layer: ``python -m flows ...`` starts a flow, and ``peftflow ...``
 is the one command line for users: the core's commands (``peftflow.cli``) with the Prefect-backed
-ones from here (experiment, compare, nightly, serve). It lives here, not in the core, because the
+ones from here (experiment, compare, nightly, predict, serve). It lives here, not in the core, because the
 core never imports Prefect, flows/ or tasks/ (tests/test_layout.py).
 """
 
@@ -54,6 +54,32 @@ def experiment(
         console.print(f"{r['method']} (run {r['run_id']}, version {r['version']}): {r['summary']}")
         for reason in r["reasons"]:
             console.print(f"  - {reason}")
+
+
+@flows_app.command()
+def predict(
+    input_path: Annotated[Path, typer.Argument(help="A .jsonl or .csv file, with the model's text column.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="models:/NAME@ALIAS or models:/NAME/N; default: the champion.")
+    ] = None,
+    root: Root = Path("."),
+    overrides: Overrides = None,
+) -> None:
+    """Score a file with a registered model: `<name>.predictions.jsonl` next to it, DVC-tracked, the run logged."""
+    from rich.console import Console
+
+    from flows.pipeline import predict as flow
+    from peftflow.pipeline import Project, check_overrides
+
+    project = Project(root=root, overrides=overrides or [])
+    run_or_exit(check_overrides, project.overrides)
+    result = _runs_or_exit(flow, input_path=input_path.resolve(), model_uri=model, project=project)
+    console = Console()
+    console.print(
+        f"[green]{result['output']}[/]: {result['rows']} rows scored with {result['model']} (run {result['run_id']})"
+    )
+    for key, value in result["metrics"].items():
+        console.print(f"  {key}: {value:.4f}")
 
 
 @flows_app.command()
@@ -300,7 +326,7 @@ def serve(
     ] = None,
 ) -> None:
     """Prefect server + MLflow UI on 127.0.0.1, and the deployments experiment, compare, sweep,
-    nightly-retrain and rlhf served until Ctrl-C (or, with --work-pool, run by that pool's workers)."""
+    nightly-retrain, rlhf and predict served until Ctrl-C (or, with --work-pool, run by that pool's workers)."""
     from flows.serve import ServeError
     from flows.serve import serve as start
     from peftflow.pipeline import Project
@@ -322,7 +348,7 @@ def _peftflow_app() -> typer.Typer:
     app.registered_callback = core.app.registered_callback
     app.registered_commands = [*core.app.registered_commands]
     app.registered_groups = [*core.app.registered_groups]
-    for command in (experiment, compare, sweep, nightly, serve):
+    for command in (experiment, compare, sweep, nightly, predict, serve):
         app.command(rich_help_panel="Prefect flows")(command)
     return app
 

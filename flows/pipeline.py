@@ -3,6 +3,7 @@ Python, ``python -m flows`` or the Prefect UI (the pydantic parameters render as
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow
@@ -319,6 +320,15 @@ def nightly_retrain(methods: list[Method] | None = None, project: Project = HERE
     steps.publish(project, "nightly-retrain", check.reason, data, results, before, steps.champion(project))
     _fail_if(failed, check.methods, project)
     return {"trained": True, "reason": check.reason, "results": results}
+
+
+@flow(name="predict")
+def predict(input_path: Path, model_uri: str | None = None, project: Project = HERE) -> dict:
+    """Score a JSONL or CSV file (relative to the project) with a registered model: predictions
+    written next to it (DVC-tracked), the run logged, with metrics when the rows have labels.
+    `model_uri`: models:/NAME@ALIAS or models:/NAME/VERSION; empty: the champion of promote.model_name."""
+    project = project.frozen()
+    return steps.predict(project, input_path, model_uri)
 
 
 @flow(name="reproduce")

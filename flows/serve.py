@@ -46,11 +46,12 @@ class ServeError(RuntimeError):
 
 
 def deployments(project: Project) -> list:
-    """``experiment``, ``compare``, ``sweep``, ``nightly-retrain`` and ``rlhf``, each defaulting to ``project``."""
+    """``experiment``, ``compare``, ``sweep``, ``nightly-retrain``, ``rlhf`` and ``predict``, each
+    defaulting to ``project``."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.pipeline import compare, experiment, nightly_retrain, sweep
+    from flows.pipeline import compare, experiment, nightly_retrain, predict, sweep
     from flows.rlhf import rlhf
 
     nightly = project.params(None).nightly
@@ -69,6 +70,7 @@ def deployments(project: Project) -> list:
             f"the DVC data version and params are unchanged since the last nightly run that finished",
         ),
         rlhf.to_deployment(name="rlhf", **common),
+        predict.to_deployment(name="predict", **common),
     ]
 
 

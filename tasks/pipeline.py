@@ -69,6 +69,14 @@ def reproduce(project: Project, run_id: str, allow_code_change: bool = False) ->
     return {k: result[k] for k in ("original", "run_id", "drift")}
 
 
+@task(name="predict", cache_policy=NO_CACHE)
+def predict(project: Project, input_path: Path, model_uri: str | None = None) -> dict:
+    result = pipeline.predict(project, input_path, model_uri)
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "." not in k) or "no labels to score"
+    get_run_logger().info("%d rows scored with %s -> %s (%s)", result.rows, result.model, result.output, figures)
+    return result.model_dump(mode="json")
+
+
 def prefect_tags() -> dict[str, str]:
     """The flow run a user started (the root of this run's tree), for the MLflow run: its id and UI page."""
     root = flow_run.root_flow_run_id

@@ -145,17 +145,16 @@ def test_promote_judges_its_own_version_when_another_flow_registered_meanwhile(p
 
 def test_registered_champion_loads_ready_for_inference(project, harness):
     params = Project(root=project).params(None)
-    model, tokenizer, model_params, version = registry.load(f"models:/{MODEL}@champion", project, params)
-    assert str(version.version) == _aliases(_client(project))["champion"] and not model.training
+    predictor, version = registry.load(f"models:/{MODEL}@champion", project, params)
+    assert str(version.version) == _aliases(_client(project))["champion"] and not predictor.model.training
     from peftflow.data import read_split
-    from peftflow.evaluate import classify
 
     # raw texts in, labels out: as accurate as the evaluation said, so prompts are built as in training
     test = read_split(project / "data" / "prepared", "test")
-    rows = classify(model, tokenizer, model_params, [ex["prompt"].split("Review: ", 1)[1] for ex in test])
+    rows = predictor.predict([ex["prompt"].split("Review: ", 1)[1] for ex in test]).to_dict("records")
     accuracy = sum(r["label"] == ex["completion"] for r, ex in zip(rows, test, strict=True)) / len(test)
     logged = _client(project).get_run(version.run_id).data.metrics["test_accuracy"]
-    assert accuracy == pytest.approx(logged) and all(0.5 <= r["probability"] <= 1 for r in rows)
+    assert accuracy == pytest.approx(logged) and all(0.5 <= r["score"] <= 1 for r in rows)
 
 
 def test_a_corrupt_registry_copy_is_fetched_again_and_a_corrupt_stored_one_named(project, harness, caplog):
@@ -525,14 +524,12 @@ def test_an_encoder_classifier_through_compare_experiment_registry_and_load(tmp_
     assert json.loads(open(stored).read())["labels"] == ["negative", "positive"]  # the head's classes, in order
 
     params = Project(root=root).params(None)
-    model, tokenizer, model_params, version = registry.load(f"models:/{MODEL}@champion", root, params)
-    from peftflow.evaluate import classify
-
+    predictor, version = registry.load(f"models:/{MODEL}@champion", root, params)
     test = data.read_split(root / "data" / "prepared", "test")
-    rows = classify(model, tokenizer, model_params, [ex["prompt"] for ex in test])
+    rows = predictor.predict([ex["prompt"] for ex in test]).to_dict("records")
     accuracy = sum(r["label"] == ex["completion"] for r, ex in zip(rows, test, strict=True)) / len(test)
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
     monkeypatch.chdir(root)
     shown = CliRunner().invoke(app, ["load", f"models:/{MODEL}@champion", "-t", test[0]["prompt"]])
     assert shown.exit_code == 0, shown.output
-    assert f"{rows[0]['label']:>10} ({rows[0]['probability']:.3f})" in shown.output
+    assert f"{rows[0]['label']:>10} ({rows[0]['score']:.3f})" in shown.output

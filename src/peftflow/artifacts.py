@@ -79,6 +79,11 @@ def _manifest(out_dir: Path) -> tuple[Method, MethodParams, dict[str, str]]:
         ) from None
 
 
+def trained_files(out_dir: Path) -> list[str]:
+    """The files the method wrote (those its manifest has digests of), with the manifest itself."""
+    return [*_manifest(Path(out_dir))[2], MANIFEST]
+
+
 def verify(out_dir: Path) -> None:
     """Raise :class:`peftflow.checksums.CorruptError` naming the files that differ from when the
     artifact was saved (artifacts saved before digests were recorded pass)."""

@@ -1,4 +1,4 @@
-"""The core's commands: convert the base model, prepare data, train, evaluate, rank, merge, load.
+"""The core's commands: convert the base model, prepare data, train, evaluate, rank, merge, load, adapters.
 
 They need no orchestration. The ``peftflow`` console script is ``flows.cli``, which adds the
 Prefect-backed commands (``compare``, ``serve``, ...) to these, so the core never imports Prefect;
@@ -272,24 +272,45 @@ def reproduce(
 @app.command()
 def load(
     uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
-    text: Annotated[list[str] | None, typer.Option("--text", "-t", help="Classify this text. Repeatable.")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", "-t", help="Label (or answer) this text. Repeatable.")
+    ] = None,
     params_dir: ParamsDir = Path("params"),
     overrides: Overrides = None,
 ) -> None:
-    """Load a registered model (base + adapter) ready for inference; classify --text inputs with it."""
-    from peftflow.evaluate import classify
+    """Load a registered model (base + adapter) as MLflow's pyfunc does; answer --text inputs with it."""
     from peftflow.registry import load as load_registered
 
     params = _project_params(params_dir, overrides)
-    model, tokenizer, model_params, version = run_or_exit(load_registered, uri, Path("."), params)
+    predictor, version = run_or_exit(load_registered, uri, Path("."), params)
     tags = version.tags
     console.print(
-        f"[green]{uri}[/] = {version.name} version {version.version}: {model_params.method.name} on "
+        f"[green]{uri}[/] = {version.name} version {version.version}: {predictor.params.method.name} on "
         f"{tags.get('peftflow.base_model')}, data {tags.get('peftflow.data_version')}, "
         f"commit {tags.get('git.commit', '?')[:12]}, run {version.run_id}"
     )
-    for row in run_or_exit(classify, model, tokenizer, model_params, text) if text else []:
-        console.print(f"{row['label']:>10} ({row['probability']:.3f})  {row['text']}")
+    for t, row in zip(text or [], run_or_exit(predictor.predict, text).to_dict("records") if text else [], strict=True):
+        if "label" in row:
+            console.print(f"{row['label']:>10} ({row['score']:.3f})  {t}")
+        else:
+            console.print(f"[bold]{t}[/]\n{row['generated_text']}")
+
+
+@app.command()
+def adapters(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write the MLflow model to.")],
+    routes: Annotated[list[str], typer.Argument(help="models:/NAME@ALIAS (named NAME), or ADAPTER=models:/...")],
+    params_dir: ParamsDir = Path("params"),
+    overrides: Overrides = None,
+) -> None:
+    """Several registered adapters on one base as one MLflow model, each request routed by its `adapter`."""
+    from peftflow.adapters import build, parse
+
+    params = _project_params(params_dir, overrides)
+    named = run_or_exit(parse, routes)
+    run_or_exit(build, named, out, Path("."), params)
+    console.print(f"[green]{out}[/]: adapters {', '.join(named)} on one base; serve it with")
+    console.print(f"  mlflow models serve -m {out} --env-manager local -h 127.0.0.1 -p 5002")
 
 
 @app.command()

@@ -98,7 +98,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"{path}: unsupported data file type {path.suffix!r}; expected .jsonl or .csv")
 
 
-def _field(row: dict, column: str, where: str) -> str:
+def field(row: dict, column: str, where: str) -> str:
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
         present = ", ".join(str(k) for k in row if k is not None)  # csv puts surplus fields under None
@@ -113,7 +113,7 @@ def to_examples(rows: list[dict[str, Any]], params: DataParams, source: str) -> 
     for n, row in enumerate(rows, 1):
         where = f"{source} row {n}"
         if params.format == "text_label":
-            text, raw_label = _field(row, cols.text, where), _field(row, cols.label, where)
+            text, raw_label = field(row, cols.text, where), field(row, cols.label, where)
             if params.labels and raw_label not in params.labels:
                 raise DataError(
                     f"{where}: label {raw_label!r} is not in data.labels; expected one of: {', '.join(params.labels)}"
@@ -121,11 +121,11 @@ def to_examples(rows: list[dict[str, Any]], params: DataParams, source: str) -> 
             completion = params.labels.get(raw_label, raw_label)
             prompt = params.prompt_template.format(instruction=params.instruction, text=text).strip()
         elif params.format == "instruction":
-            instruction, completion = _field(row, cols.instruction, where), _field(row, cols.output, where)
+            instruction, completion = field(row, cols.instruction, where), field(row, cols.output, where)
             extra = str(row.get(cols.input) or "").strip()
             prompt = f"{instruction}\n\n{extra}" if extra else instruction
         else:
-            prompt, completion = _field(row, cols.prompt, where), _field(row, cols.completion, where)
+            prompt, completion = field(row, cols.prompt, where), field(row, cols.completion, where)
         examples.append({"prompt": prompt, "completion": completion})
     return examples
 

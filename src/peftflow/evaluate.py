@@ -182,6 +182,15 @@ def _accuracy(scores: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> di
             "macro_f1": sum(f1) / len(f1), "correct": correct}  # fmt: skip
 
 
+def label_metrics(picked: list[str], gold: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 and per-label accuracy of predicted labels against the true ones."""
+    index = {label: j for j, label in enumerate(labels)}
+    scores = torch.nn.functional.one_hot(torch.tensor([index[p] for p in picked]), len(labels))
+    out = _accuracy(scores, torch.tensor([index[g] for g in gold]), labels)
+    del out["correct"]
+    return out
+
+
 def _classifier_pass(model, tokenizer, params: Params, examples: list[dict], device, virtual: int = 0, bar=None):
     """A sequence classifier on ``examples``: (Heldout with every label's log-probability, its labels)."""
     labels = artifacts.model_labels(model)

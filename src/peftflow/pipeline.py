@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from peftflow import data, registry, runs, secrets, tracking, versioning
 from peftflow.config import Params, ParamsError, load_params, parse_override, snapshot, without_method
+from peftflow.predict import Prediction, predict_file
 from peftflow.promote import Decision
 from peftflow.training.sft import Callback
 
@@ -206,6 +207,14 @@ def register(project: Project, run_id: str, seed_runs: list[str] | None = None) 
     params = project.params(None)
     client, _ = tracking.connect(params, project.root)
     return registry.register(client, run_id, params.promote.model_name, seed_runs)
+
+
+def predict(project: Project, input_path: Path, model_uri: str | None = None) -> Prediction:
+    """Score a file of the project with a registered model (default: the champion of promote.model_name)."""
+    params = project.params(None)
+    uri = model_uri or f"models:/{params.promote.model_name}@{registry.CHAMPION}"
+    source = input_path if Path(input_path).is_absolute() else project.root / input_path
+    return predict_file(uri, source, project.root, params)
 
 
 def promote(project: Project, version: str, data_version: DataVersion | None = None) -> Decision:

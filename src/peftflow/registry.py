@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 
 from peftflow import checksums, data, tracking
 from peftflow.atomic import atomic_dir
-from peftflow.config import Params, read_resolved
+from peftflow.config import Params
 from peftflow.promote import Decision, Evidence, decide, example_figure
 
 log = logging.getLogger(__name__)
@@ -433,16 +433,13 @@ def resolve(client: MlflowClient, uri: str):
         raise tracking.TrackingError(f"{uri}: model {name!r} has no version {number!r}") from None
 
 
-def load(uri: str, root: Path, params: Params) -> tuple[Any, Any, Params, Any]:
-    """A registered model ready for inference: (model in eval mode, tokenizer, its params, the version)."""
-    from peftflow import artifacts
-    from peftflow.model import load_base_for, load_tokenizer
+def load(uri: str, root: Path, params: Params) -> tuple[Any, Any]:
+    """A registered model ready for inference: (its :class:`peftflow.serving.Predictor`, the
+    version); the same model ``mlflow.pyfunc.load_model(uri)`` gives."""
+    from peftflow.serving import Predictor
 
     parse_uri(uri)  # a malformed URI is named before any store is opened
     client, _ = tracking.connect(params, root)
     version = resolve(client, uri)
     dst = fetched(client, version, root, params)
-    model_params = read_resolved(dst / "params.yaml").rebased(root)
-    base = load_base_for(model_params, artifacts.labels(dst))
-    model = artifacts.load(base, dst, verified=True)  # fetched() checked it
-    return model.eval(), load_tokenizer(model_params.model), model_params, version
+    return Predictor(dst, root, verified=True), version  # fetched() checked its files

@@ -1,8 +1,9 @@
 """A fine-tuning run and its evaluation, each through the one tracked-run path
 (:func:`peftflow.tracking.tracked_run`): train -> log -> artifact, and score -> log.
 
-The run's ``model/`` artifact is what the method trained plus ``params.yaml``; evaluation reads the
-artifact back from MLflow, so what is scored is exactly what gets registered.
+The run's ``model/`` artifact is what the method trained plus ``params.yaml``, and the files that make
+it an MLflow model (:mod:`peftflow.serving`); evaluation reads the artifact back from MLflow, so what
+is scored is exactly what gets registered.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 
-from peftflow import data, tracking
+from peftflow import data, serving, tracking
 from peftflow.config import Params
 from peftflow.evaluate import SELECTION_FILE, score_artifact
 from peftflow.results import TRAIN_METRICS, EvalResult
@@ -58,6 +60,8 @@ def train_tracked(
         run.log_metrics(summary.final_metrics(), summary.steps)
         run.log_artifact(local.run_dir / "train_summary.json")
         run.log_artifacts(local.run_dir / "model", "model")
+        with tempfile.TemporaryDirectory(prefix="peftflow-mlmodel-") as tmp:
+            run.log_artifacts(serving.write_mlflow_model(Path(tmp), params, local), "model")  # an MLflow model too
     log.info("MLflow run %s: %s trained, artifact logged", run.run_id, params.method.name)
     return run.run_id
 

@@ -55,6 +55,11 @@ class TrackingError(RuntimeError):
     """MLflow is unreachable or lacks what was asked for; one line saying which."""
 
 
+# The MLflow UI opens an experiment by its kind: without one it guesses GenAI and opens on "Traces";
+# model training opens on its runs, metric charts and registered models
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def tracking_uri(params: Params, root: Path) -> str:
     """The store: ``tracking.uri``, else $MLFLOW_TRACKING_URI, else the project's ``mlflow.db``;
     without credentials (those go to MLflow's client through its environment variables)."""
@@ -79,11 +84,15 @@ def connect(params: Params, root: Path) -> tuple[MlflowClient, str]:
             client.search_registered_models(max_results=1)  # both stores opened (created) under the lock
             experiment = client.get_experiment_by_name(params.tracking.experiment)
             if experiment is not None:
+                if KIND_TAG not in experiment.tags:  # one made before peftflow set its kind; a user's own kept
+                    client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND)
                 return client, experiment.experiment_id
             location = None
             if uri.startswith("sqlite:") and not params.tracking.uri:  # the embedded local store
                 location = (Path(root) / params.tracking.artifact_dir).resolve().as_uri()
-            return client, client.create_experiment(params.tracking.experiment, artifact_location=location)
+            return client, client.create_experiment(
+                params.tracking.experiment, artifact_location=location, tags={KIND_TAG: KIND}
+            )
     except Exception as e:  # requests' and SQLAlchemy's errors alike: say where, in one line
         first = " ".join(str(e).split())[:300]
         raise TrackingError(f"MLflow tracking URI {uri}: unreachable or unusable ({first})") from None

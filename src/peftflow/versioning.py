@@ -136,6 +136,19 @@ def out_hash(root: Path, path: str) -> str:
     raise VersioningError(f"{lock}: no stage output {path!r} with a hash")
 
 
+def track(root: Path, path: Path) -> str:
+    """``dvc add`` a file of the project (its ``.dvc`` file beside it, git ignoring the file); its md5."""
+    from dvc.exceptions import DvcException
+
+    rel = Path(path).resolve().relative_to(Path(root).resolve())
+    with _repo(root) as repo:
+        try:
+            repo.add(str(rel))
+        except DvcException as e:
+            raise VersioningError(f"dvc add {rel}: {_one_line(e)}") from None
+    return yaml.safe_load((Path(root) / f"{rel}.dvc").read_text())["outs"][0]["md5"]
+
+
 def restore(root: Path, md5: str, dest: Path) -> Path:
     """Materialize the data with DVC hash ``md5`` at ``dest``, from the cache or the default remote.
 
