@@ -54,7 +54,7 @@ browser:
 	else echo "chromium is not installed (sudo apt-get install chromium): the browser test will be skipped"; fi
 
 # The Prefect server (UI at http://127.0.0.1:4200), the MLflow UI (http://127.0.0.1:5000) and the
-# deployments experiment, compare, nightly-retrain and rlhf, served until Ctrl-C.
+# deployments experiment, compare, sweep, nightly-retrain, rlhf and predict, served until Ctrl-C.
 serve: setup
 	$(RUN_ENV) $(BIN)/peftflow serve
 

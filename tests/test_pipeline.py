@@ -157,6 +157,52 @@ def test_registered_champion_loads_ready_for_inference(project, harness):
     assert accuracy == pytest.approx(logged) and all(0.5 <= r["score"] <= 1 for r in rows)
 
 
+def test_predict_flow_scores_a_file_next_to_it_tracked_by_dvc_and_logged(project, harness):
+    import hashlib
+
+    from flows.pipeline import predict
+
+    params = Project(root=project).params(None)
+    predictor, champion = registry.load(f"models:/{MODEL}@champion", project, params)
+    rows = [*make_rows(12, seed=5), {"text": "great superb and brilliant, a film with heart", "label": "1"}]
+    folder = project / "data" / "scoring"
+    folder.mkdir(exist_ok=True)
+    (folder / "reviews.csv").write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows))
+
+    result = predict(input_path="data/scoring/reviews.csv", project=Project(root=project))
+    out = folder / "reviews.predictions.jsonl"
+    assert result["output"] == str(out) and result["rows"] == len(rows)
+    assert result["model"] == f"{MODEL} version {champion.version}"
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    want = predictor.predict([r["text"] for r in rows]).to_dict("records")
+    assert [(w["text"], w["label"]) for w in written] == [(r["text"], r["label"]) for r in rows]  # rows kept
+    assert [(w["prediction"], w["score"]) for w in written] == [(a["label"], a["score"]) for a in want]
+    names = {"1": "positive", "-1": "negative"}
+    accuracy = sum(w["prediction"] == names[w["label"]] for w in written) / len(written)
+    assert result["metrics"]["accuracy"] == pytest.approx(accuracy) and "macro_f1" in result["metrics"]
+
+    # the output's version is in DVC (its .dvc file beside it) and in the logged run
+    md5 = hashlib.md5(out.read_bytes()).hexdigest()
+    assert f"md5: {md5}" in (folder / "reviews.predictions.jsonl.dvc").read_text() and result["dvc_md5"] == md5
+    run = _client(project).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["peftflow.kind"] == "predict"
+    assert run.data.tags["peftflow.model_run_id"] == champion.run_id
+    assert run.data.metrics["accuracy"] == pytest.approx(accuracy)
+    assert run.data.tags["dvc.predictions_md5"] == md5
+    assert [f.path for f in _client(project).list_artifacts(result["run_id"], "predictions")] == [
+        "predictions/reviews.predictions.jsonl"
+    ]
+
+    # without labels: predictions, no metrics; a file without the text column: one line, nothing written
+    (folder / "unlabeled.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[:3]))
+    bare = predict(input_path="data/scoring/unlabeled.jsonl", project=Project(root=project))
+    assert bare["metrics"] == {} and len((folder / "unlabeled.predictions.jsonl").read_text().splitlines()) == 3
+    (folder / "wrong.jsonl").write_text(json.dumps({"review": "fine"}) + "\n")
+    with pytest.raises(data.DataError, match=r"wrong.jsonl row 1: column 'text' is missing or empty; columns present"):
+        predict(input_path="data/scoring/wrong.jsonl", project=Project(root=project))
+    assert not (folder / "wrong.predictions.jsonl").exists()
+
+
 def test_a_corrupt_registry_copy_is_fetched_again_and_a_corrupt_stored_one_named(project, harness, caplog):
     from pathlib import Path
     from urllib.parse import urlparse

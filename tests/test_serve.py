@@ -174,7 +174,7 @@ def served(tmp_path_factory, tiny_model_dir):
             assert proc.poll() is None, f"peftflow serve exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
             try:
                 names = {d["name"] for d in s.call("POST", "/deployments/filter", {})}
-                if {"experiment", "compare", "nightly-retrain", "rlhf"} <= names:
+                if {"experiment", "compare", "nightly-retrain", "rlhf", "predict"} <= names:
                     break
             except OSError:
                 pass
@@ -229,6 +229,23 @@ def test_ui_run_of_experiment_registers_a_version_with_lineage(served):
     rows = artifacts["table"]["data"]
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert rows[0]["method"] == "lora" and rows[0]["version"] == str(version.version)
+
+
+def test_ui_run_of_predict_scores_a_file_with_the_champion_and_mlflow_opens_on_model_training(served):
+    """After the experiment above promoted its version: the predict deployment with the UI's form.
+    And MLflow's REST API says the experiment is model training, so its UI opens on runs, not Traces."""
+    texts = ["a wonderful moving film", "dull boring plot"]
+    (served.root / "data" / "score.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    project = {"root": str(served.root), "params_dir": "params", "overrides": []}
+    parameters = {"input_path": "data/score.jsonl", "model_uri": None, "project": project}
+    served.wait(served.run_deployment("predict", "predict", parameters))
+    written = [json.loads(line) for line in (served.root / "data" / "score.predictions.jsonl").read_text().splitlines()]
+    assert [w["text"] for w in written] == texts and {w["prediction"] for w in written} <= {"positive", "negative"}
+
+    url = f"{served.mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name=peftflow"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        tags = {t["key"]: t["value"] for t in json.loads(r.read())["experiment"].get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_ui_form_rejects_an_unknown_method_before_a_run_starts(served):
