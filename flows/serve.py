@@ -241,7 +241,7 @@ def mlflow_ui(project: Project, port: int, logs: Path) -> Iterator[str | None]:
     if port == 0 or uri.startswith(("http://", "https://")):
         yield None
         return
-    tracking.connect(project.params(None), project.root)  # creates the store and experiment if new
+    _, experiment_id = tracking.connect(project.params(None), project.root)  # creates the store and experiment
     if not _port_free(port):
         raise ServeError(f"port {port} is taken; pick another --mlflow-port (0: no MLflow UI)")
     url = f"http://{LOOPBACK}:{port}"
@@ -249,6 +249,7 @@ def mlflow_ui(project: Project, port: int, logs: Path) -> Iterator[str | None]:
     cmd += ["--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # GenAI job workers: not used here
     with _process(cmd, env, logs / "mlflow-ui.log", f"{url}/health", "the MLflow UI"):
+        print(f"MLflow experiment: {tracking.ui_link(url, experiment_id)}", flush=True)
         yield url
 
 

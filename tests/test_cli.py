@@ -115,7 +115,7 @@ def test_load_and_reproduce_name_what_is_missing(tmp_path):
 
 def test_the_peftflow_script_is_one_cli_the_core_commands_and_the_prefect_backed_ones():
     """`peftflow` (pyproject's [project.scripts]) is the shells' app: the core's commands, and compare,
-    sweep, serve, experiment, nightly beside them; the core's own app has no Prefect-backed command."""
+    sweep, serve, experiment, nightly, predict beside them; the core's own app has no Prefect-backed command."""
     import subprocess
     import sys
     import tomllib
@@ -130,7 +130,7 @@ def test_the_peftflow_script_is_one_cli_the_core_commands_and_the_prefect_backed
     assert scripts["peftflow"] == "flows.cli:main"
     core = set(typer.main.get_command(app).commands)
     assert {"convert-base", "prepare", "train", "evaluate", "leaderboard", "load", "reproduce", "rlhf"} <= core
-    flows = {"compare", "sweep", "serve", "experiment", "nightly"}
+    flows = {"compare", "sweep", "serve", "experiment", "nightly", "predict"}
     assert not core & flows
     assert set(typer.main.get_command(script_app).commands) == core | flows
 

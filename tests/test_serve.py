@@ -224,7 +224,8 @@ def test_ui_run_of_experiment_registers_a_version_with_lineage(served):
 
     # the Prefect artifacts link back to the MLflow run
     artifacts = served.artifacts(flow_run_id)
-    assert f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in artifacts["markdown"]["data"]
+    link = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert link in artifacts["markdown"]["data"]
     assert served.mlflow_ui in artifacts["markdown"]["data"]
     rows = artifacts["table"]["data"]
     rows = json.loads(rows) if isinstance(rows, str) else rows
@@ -349,6 +350,18 @@ def test_browser_quick_run_from_the_prefect_ui(served, tmp_path):
             badge = page.locator(".page-heading-flow-run__meta .state-badge")
             expect(badge).to_have_text("Completed", timeout=600_000)
             page.screenshot(path=str(tmp_path / "completed.png"))
+
+            # the MLflow run's link, as peftflow gives it, opens the model-training view (runs, models),
+            # not the GenAI one MLflow defaults to (its side bar: Overview, Traces, Sessions, Judges, ...)
+            client = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}")
+            (made,) = client.search_runs(
+                [client.get_experiment_by_name("peftflow").experiment_id],
+                filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+            )
+            page.goto(tracking.ui_link(served.mlflow_ui, made.info.experiment_id, made.info.run_id))
+            expect(page.get_by_text("Model registry").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Judges")).to_have_count(0)
+            page.screenshot(path=str(tmp_path / "mlflow-run.png"))
         finally:
             browser.close()
     run = served.wait(flow_run_id, timeout=30)  # what the page showed is what the server holds

@@ -12,7 +12,8 @@ def quiet_libraries() -> None:
 
     mask_logs()
     # MLflow announces the tables of every new local store ("Creating initial MLflow database tables...")
-    for noisy in ("httpx", "urllib3", "filelock", "mlflow.store.db.utils", "alembic"):
+    # and checks each saved model's input example against its signature ("Validating input example ...")
+    for noisy in ("httpx", "urllib3", "filelock", "mlflow.store.db.utils", "alembic", "mlflow.pyfunc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes warns at import that an optional CPU kernel package is absent; its own fallback works

@@ -2,7 +2,7 @@
 
 Every run's ``model/`` artifact is an MLflow model. Beside the trained files (the method's weights,
 ``peftflow.json``, ``params.yaml``) it holds ``MLmodel`` (the python_function flavor, with this
-module as its loader), a signature (``text`` in; ``label`` and ``score``, or ``generated_text``
+loader :mod:`peftflow.pyfunc`), a signature (``text`` in; ``label`` and ``score``, or ``generated_text``
 out), an input example and the pinned requirements. So ``mlflow.pyfunc.load_model(
 "models:/NAME@champion")`` and ``mlflow models serve -m models:/NAME@champion`` work, and
 ``peftflow load`` predicts through the same :class:`Predictor`.
@@ -36,7 +36,7 @@ from peftflow.config import Params, read_resolved
 
 log = logging.getLogger(__name__)
 
-LOADER = "peftflow.serving"
+LOADER = "peftflow.pyfunc"  # the loader module MLmodel names
 MLMODEL = "MLmodel"
 EXAMPLE = "An example text to label."
 MAX_NEW_TOKENS = 64  # what a generation request gets unless it asks (params: max_new_tokens)
@@ -212,14 +212,3 @@ def generate(model, tokenizer, params: Params, prompts: list[str], max_new_token
             )  # fmt: skip
         out += tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [t.strip() for t in out]
-
-
-def _load_pyfunc(data_path: str):
-    """MLflow's entry point (``loader_module``): the model in ``data_path``, the folder MLmodel is in."""
-    from peftflow.adapters import MANIFEST as ROUTES
-    from peftflow.adapters import Routed
-    from peftflow.chatter import quiet_libraries
-
-    quiet_libraries()
-    folder = Path(data_path)
-    return Routed(folder) if (folder / ROUTES).is_file() else Predictor(folder)

@@ -55,9 +55,11 @@ class TrackingError(RuntimeError):
     """MLflow is unreachable or lacks what was asked for; one line saying which."""
 
 
-# The MLflow UI opens an experiment by its kind: without one it guesses GenAI and opens on "Traces";
-# model training opens on its runs, metric charts and registered models
+# What an experiment is, for the MLflow UI: without a kind it guesses GenAI and opens on "Traces". The
+# UI of MLflow 3.17 goes by a view switch of its own (GenAI | Model training, default GenAI) that a
+# link sets, so every link peftflow prints opens the model-training view: runs, charts, models
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+UI_VIEW = "?workflowType=machine_learning"
 
 
 def tracking_uri(params: Params, root: Path) -> str:
@@ -134,7 +136,12 @@ def run_url(params: Params, root: Path, run_id: str, experiment_id: str) -> str:
     uri = tracking_uri(params, root)
     base = params.tracking.ui_url or os.environ.get("PEFTFLOW_MLFLOW_UI_URL")
     base = base or (uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return ui_link(base, experiment_id, run_id)
+
+
+def ui_link(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """An experiment's (or run's) page in the MLflow UI at ``base``, in its model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{f'/runs/{run_id}' if run_id else ''}{UI_VIEW}"
 
 
 _CODE_VERSIONS: dict[Path, dict[str, str]] = {}
