@@ -88,6 +88,36 @@ def test_mlflow_loads_every_registered_method_as_peftflow_load_does(pyfunc_store
     reqs = Path(mlflow.artifacts.download_artifacts(f"{uri_of}/requirements.txt")).read_text().split()
     assert {r.split("==")[0] for r in reqs} >= {"torch", "transformers", "peft", "mlflow", "peftflow"}
     assert all("==" in r for r in reqs)  # pinned
+    if method == "lora":  # MLflow reads a dict of lists as one row holding a list: refused, not labelled
+        with pytest.raises(Exception, match="must hold one string per row"):
+            pyfunc.predict({"text": TEXTS})
+
+
+def test_a_model_trained_on_instructions_generates_text(pyfunc_store, tmp_path):
+    root, uri, params, train = pyfunc_store
+    words = "film story actor plot scene movie heart music light night".split()
+    rows = [
+        {"instruction": f"Repeat the word {w}, {n} times.", "output": " ".join([w] * n)}
+        for w in words
+        for n in (1, 2, 3, 4)
+    ]
+    source = tmp_path / "instructions.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = ["data.format=instruction", f"data.source={source}", f"data.out_dir={tmp_path / 'prepared'}",
+            "data.split.test=8", "data.split.val=8"]  # fmt: skip
+    data.prepare(params("lora", *over).data)
+    version = train("lora", "serve-instructions", *over)
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/serve-instructions/{version}")
+    assert pyfunc.metadata.get_output_schema().input_names() == ["generated_text"]
+    prompts = ["Repeat the word film.", "Repeat the word plot."]
+    got = pyfunc.predict(pd.DataFrame({"text": prompts}), params={"max_new_tokens": 4})
+    predictor, _ = registry.load(f"models:/serve-instructions/{version}", root, params(None))
+    want = predictor.predict(prompts, {"max_new_tokens": 4})
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert len(got) == 2 and all(isinstance(t, str) for t in got["generated_text"])
+    ids = predictor.tokenizer(list(got["generated_text"]), add_special_tokens=False)["input_ids"]
+    assert all(len(i) <= 4 + 1 for i in ids)  # max_new_tokens reached the model (decoding may merge or split)
 
 
 def test_a_base_other_than_the_one_trained_on_is_refused(pyfunc_store, tmp_path, tiny_model_dir):

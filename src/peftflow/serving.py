@@ -148,7 +148,14 @@ def texts_of(model_input: Any, column: str = "text") -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         if column not in model_input.columns:
             raise ValueError(f"input: no {column!r} column; columns: {', '.join(map(str, model_input.columns))}")
-        return [str(t) for t in model_input[column]]
+        cells = list(model_input[column])
+        if not all(isinstance(t, str) for t in cells):
+            # MLflow reads {"text": [a, b]} as ONE row holding a list: say so, rather than label the list's repr
+            raise ValueError(
+                f"input: column {column!r} must hold one string per row; send a DataFrame, a list of rows "
+                f"({{'dataframe_records': [{{'{column}': ...}}]}}) or a list of texts"
+            )
+        return cells
     if isinstance(model_input, dict):
         value = model_input.get(column)
         if value is None:
