@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -184,6 +185,9 @@ def test_predict_flow_scores_a_file_next_to_it_tracked_by_dvc_and_logged(project
     # the output's version is in DVC (its .dvc file beside it) and in the logged run
     md5 = hashlib.md5(out.read_bytes()).hexdigest()
     assert f"md5: {md5}" in (folder / "reviews.predictions.jsonl.dvc").read_text() and result["dvc_md5"] == md5
+    remote = versioning.default_remote(project)[1]
+    assert (Path(remote) / "files" / "md5" / md5[:2] / md5[2:]).is_file(), "pushed to the DVC remote"
+    assert not versioning.git_dirty(project), "DVC's bookkeeping is not a code change (runs after stay clean)"
     run = _client(project).get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["peftflow.kind"] == "predict"
     assert run.data.tags["peftflow.model_run_id"] == champion.run_id
@@ -204,7 +208,6 @@ def test_predict_flow_scores_a_file_next_to_it_tracked_by_dvc_and_logged(project
 
 
 def test_a_corrupt_registry_copy_is_fetched_again_and_a_corrupt_stored_one_named(project, harness, caplog):
-    from pathlib import Path
     from urllib.parse import urlparse
 
     params = Project(root=project).params(None)

@@ -50,11 +50,11 @@ def store(tmp_path_factory, tiny_model_dir, tiny_data_file):
 
 @pytest.fixture
 def pyfunc_store(store, monkeypatch):
+    """The store for MLflow's own loaders, through the environment only: ``mlflow.set_registry_uri``
+    would outlive the test and point every later ``MlflowClient`` without a registry URI here."""
     root, uri, *_ = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return store
 
 

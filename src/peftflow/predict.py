@@ -4,7 +4,8 @@
 :class:`peftflow.serving.Predictor` that ``mlflow.pyfunc.load_model`` and ``peftflow load`` use,
 and writes ``<name>.predictions.jsonl`` beside the input (atomically: a partial file never bears
 the name), each input row with ``prediction`` and ``score`` (or ``generated_text``). In a DVC
-project the output is ``dvc add``-ed, so its version is recorded. One MLflow run per scoring: the
+project the output is ``dvc add``-ed (its ``.dvc`` file beside it, for git) and pushed to the
+default DVC remote, so its version is recorded and can be pulled back. One MLflow run per scoring: the
 model version used, the rows, the predictions as an artifact and, when every row has a label,
 accuracy, macro-F1 and per-label accuracy.
 """
@@ -91,6 +92,8 @@ def predict_file(uri: str, source: Path, root: Path, params: Params, out: Path |
         if (root / ".dvc").is_dir() and out.resolve().is_relative_to(root.resolve()):
             md5 = versioning.track(root, out)
             run.set_tag("dvc.predictions_md5", md5)
+            versioning.push(root, [str(out.resolve().relative_to(root.resolve())) + ".dvc"])
+            log.info("%s: DVC-tracked (md5 %s); `git add %s.dvc` records this version", out.name, md5, out)
     return Prediction(output=out, rows=len(rows), model=name, run_id=run.run_id, metrics=metrics, dvc_md5=md5)
 
 

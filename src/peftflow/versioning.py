@@ -40,9 +40,11 @@ def git_commit(root: Path) -> str | None:
 def git_dirty(root: Path) -> bool:
     """True if tracked files differ from HEAD (the commit alone does not describe the code).
 
-    dvc.lock is left out: ``dvc repro`` rewrites it, and a run records its data's DVC hash itself."""
+    DVC's bookkeeping is left out: dvc.lock, ``.dvc`` files and ``.gitignore`` files, which ``dvc
+    repro`` and ``dvc add`` (of ``peftflow predict``'s output) rewrite; runs record their data's
+    hashes themselves."""
     out = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!*.dvc", ":!*.gitignore"],
         cwd=root,
         capture_output=True,
         text=True,
