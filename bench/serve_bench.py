@@ -16,15 +16,17 @@ Texts are the prepared test split's raw texts. Prints Markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -48,26 +50,26 @@ def pss(pid: int) -> int:
     return total
 
 
+@contextlib.contextmanager
+def served(model: str, log: Path) -> Iterator[Server]:
+    """``mlflow models serve -m model`` answering on a free loopback port; stopped (its whole process
+    group, the uvicorn worker too) on exit."""
+    from flows.serve import _process
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
+    start = time.perf_counter()
+    with _process(cmd, dict(os.environ), log, f"{url}/ping", f"mlflow models serve -m {model}") as proc:
+        yield Server(url, proc.pid, time.perf_counter() - start)
+
+
+@dataclass
 class Server:
-    def __init__(self, model: str, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"]  # fmt: skip
-        start = time.perf_counter()
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise SystemExit(f"mlflow models serve -m {model} exited:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        self.startup_s = time.perf_counter() - start
+    url: str
+    pid: int
+    startup_s: float
 
     def post(self, records: list[dict]) -> tuple[float, list[dict]]:
         body = json.dumps({"dataframe_records": records}).encode()
@@ -76,10 +78,6 @@ class Server:
         with urllib.request.urlopen(request, timeout=600) as r:
             answer = json.loads(r.read())["predictions"]
         return time.perf_counter() - start, answer
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
 
 
 def texts() -> list[str]:
@@ -115,15 +113,12 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="serve-bench-"))
 
     weights, other = stored(args.model)
-    server = Server(args.model, logs / "one.log")
-    try:
+    with served(args.model, logs / "one.log") as server:
         for t in pool[:3]:
             server.post([{"text": t}])  # warm-up
         single = [server.post([{"text": pool[i % len(pool)]}])[0] for i in range(args.singles)]
         batch = [server.post([{"text": t} for t in (pool * 2)[i * 64 : i * 64 + 64]])[0] for i in range(args.batches)]
-        memory_one = pss(server.proc.pid)
-    finally:
-        server.stop()
+        memory_one = pss(server.pid)
     ms = sorted(s * 1000 for s in single)
     print(f"## {args.model} behind `mlflow models serve` (1 worker, {os.cpu_count()} CPUs)\n")
     print("| figure | value |\n|---|---|")
@@ -142,22 +137,15 @@ def main() -> None:
 
         routed = logs / "both"
         build(parse([args.model, args.second]), routed, Path("."), load_params(None, Path("params"), []))
-        servers = [Server(args.model, logs / "a.log"), Server(args.second, logs / "b.log")]
-        try:
-            for s in servers:
+        with served(args.model, logs / "a.log") as a, served(args.second, logs / "b.log") as b:
+            for s in (a, b):
                 s.post([{"text": pool[0]}])
-            separate = sum(pss(s.proc.pid) for s in servers)
-        finally:
-            for s in servers:
-                s.stop()
+            separate = pss(a.pid) + pss(b.pid)
         names = list(json.loads((routed / "manifest.json").read_text())["adapters"])
-        both = Server(str(routed), logs / "both.log")
-        try:
+        with served(str(routed), logs / "both.log") as both:
             for name in names:
                 both.post([{"text": pool[0], "adapter": name}])
-            shared = pss(both.proc.pid)
-        finally:
-            both.stop()
+            shared = pss(both.pid)
         print(f"\n## Two adapters ({', '.join(names)}): one server each against one server with both\n")
         print("| setup | memory (PSS) |\n|---|---|")
         print(f"| two servers, one adapter each | {separate / 2**30:.2f} GiB |")

@@ -187,14 +187,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeou
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path, health: str, what: str) -> Iterator[None]:
+def _process(cmd: list[str], env: dict[str, str], log: Path, health: str, what: str) -> Iterator[subprocess.Popen]:
     """A server in its own process group, healthy on entry, stopped (the whole group) on exit."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(health, proc, log, what)
-        yield
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -140,47 +137,27 @@ def test_a_base_other_than_the_one_trained_on_is_refused(pyfunc_store, tmp_path,
         serving.Predictor(folder, root)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_rest_requests_as_peftflow_load(pyfunc_store, monkeypatch):
     from typer.testing import CliRunner
 
+    from flows.serve import _process
     from peftflow.cli import app
+    from tests.test_serve import free_port
 
     root, uri, params, train = pyfunc_store
     version = train("lora", "serve-rest")
     MlflowClient(uri).set_registered_model_alias("serve-rest", "champion", version)
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PEFTFLOW_ROOT": str(root)}
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/serve-rest@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
-    log = root / "serve-rest.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no answer in 180 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    # its own process group, stopped whole on exit: the uvicorn worker it starts goes too
+    with _process(cmd, env, root / "serve-rest.log", f"{base}/ping", "mlflow models serve"):
         body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
         request = urllib.request.Request(f"{base}/invocations", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:
             answered = json.loads(r.read())["predictions"]
-    finally:
-        server.terminate()
-        server.wait(30)
 
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -29,9 +29,9 @@ def parse(items: list[str]) -> dict[str, str]:
 
     routes: dict[str, str] = {}
     for item in items:
-        name, eq, uri = item.partition("=") if "=" in item.split("models:/")[0] else ("", "", item)
-        name = name or registry.parse_uri(uri)[0]
-        registry.parse_uri(uri)
+        name, _, uri = item.partition("=") if "=" in item.split("models:/")[0] else ("", "", item)
+        registered = registry.parse_uri(uri)[0]  # a malformed URI is named here, named or not
+        name = name or registered
         if name in routes:
             raise ValueError(f"adapter name {name!r} given twice; name them: NAME=models:/...")
         routes[name] = uri
@@ -54,22 +54,22 @@ def build(routes: dict[str, str], out_dir: Path, root: Path, params: Params) -> 
     client, _ = tracking.connect(params, root)
     versions = {name: registry.resolve(client, uri) for name, uri in routes.items()}
     fetched = {name: registry.fetched(client, v, root, params) for name, v in versions.items()}
+    methods = {name: artifacts.read_manifest(folder)[0] for name, folder in fetched.items()}
     first_name, first = next(iter(fetched.items()))
+    method, kind, labels = methods[first_name], _kind(first), artifacts.labels(first)
     shared = {key: metadata(first).get(key) for key in ("peftflow.base_digest", "peftflow.task")}
-    method = artifacts.read_manifest(first)[0]
     for name, folder in fetched.items():
-        other = artifacts.read_manifest(folder)[0]
-        where = f"{name} ({routes[name]})"
+        other, where = methods[name], f"{name} ({routes[name]})"
         if not _kind(folder):
             raise ValueError(f"{where}: method {other.name} is not a peft adapter; only peft adapters share a base")
-        if _kind(folder) != _kind(first) or other.quantizes_base != method.quantizes_base:
+        if _kind(folder) != kind or other.quantizes_base != method.quantizes_base:
             raise ValueError(
                 f"{where}: method {other.name} cannot share a base with {first_name}'s {method.name} "
                 f"(peft loads one kind of adapter per model, on one base)"
             )
         if {key: metadata(folder).get(key) for key in shared} != shared or None in shared.values():
             raise ValueError(f"{where}: trained on another base model (or task) than {first_name}")
-        if artifacts.labels(folder) != artifacts.labels(first):
+        if artifacts.labels(folder) != labels:
             raise ValueError(f"{where}: its labels differ from {first_name}'s; a shared classifier head needs the same")
     with atomic_dir(Path(out_dir)) as tmp:
         for name, folder in fetched.items():
@@ -78,7 +78,7 @@ def build(routes: dict[str, str], out_dir: Path, root: Path, params: Params) -> 
                 shutil.copy2(folder / file, tmp / "adapters" / name / file)
         shutil.copy2(first / "params.yaml", tmp / "params.yaml")  # the base they share, as the first names it
         manifest = {name: {"uri": routes[name], "model": v.name, "version": str(v.version), "run_id": v.run_id,
-                           "method": artifacts.read_manifest(fetched[name])[0].name}
+                           "method": methods[name].name}
                     for name, v in versions.items()}  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps({"adapters": manifest}, indent=2))
         user = read_resolved(first / "params.yaml")

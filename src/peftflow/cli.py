@@ -289,7 +289,8 @@ def load(
         f"{tags.get('peftflow.base_model')}, data {tags.get('peftflow.data_version')}, "
         f"commit {tags.get('git.commit', '?')[:12]}, run {version.run_id}"
     )
-    for t, row in zip(text or [], run_or_exit(predictor.predict, text).to_dict("records") if text else [], strict=True):
+    answers = run_or_exit(predictor.predict, text).to_dict("records") if text else []
+    for t, row in zip(text or [], answers, strict=True):
         if "label" in row:
             console.print(f"{row['label']:>10} ({row['score']:.3f})  {t}")
         else:

@@ -132,10 +132,11 @@ def base_params(folder: Path, root: Path) -> Params:
             convert_embedded(cached)
         params.model.embedded_dir = cached
     want = metadata(folder).get("peftflow.base_digest")
-    if want and weights_identity(params.model) != want:
+    have = weights_identity(params.model) if want else None
+    if want and have != want:
         raise ValueError(
             f"{folder}: the base model {params.model.name_or_path} (from {root.resolve()}) is not the one this "
-            f"model was trained on (weights digest {weights_identity(params.model)}, expected {want}); set "
+            f"model was trained on (weights digest {have}, expected {want}); set "
             f"PEFTFLOW_ROOT to the project it was trained in"
         )
     return params
